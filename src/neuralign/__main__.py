@@ -1,0 +1,3 @@
+from neuralign.cli import main
+
+main()
