@@ -1,0 +1,222 @@
+"""The one training / evaluation loop everything else reuses."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from neuralign.data.core import make_loader
+from neuralign.errors import DataError, NeuralignError
+from neuralign.utils import model_device
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class History:
+    """Per-epoch training metrics (and validation metrics when a ``val_loader`` is given)."""
+
+    epochs: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict:
+        return self.epochs[-1] if self.epochs else {}
+
+    def as_dict(self) -> dict:
+        return {"epochs": self.epochs, "seconds": self.seconds}
+
+
+def as_loader(data, batch_size: int = 128, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """Accept a DataLoader, a Dataset or an ``(x, y)`` tensor pair."""
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        data = torch.utils.data.TensorDataset(*data)
+    if isinstance(data, Dataset):
+        return make_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    raise DataError(f"expected a DataLoader, a Dataset or an (x, y) pair, got {type(data).__name__}")
+
+
+def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        raise DataError("dict batches need a custom loss; pass (inputs, targets) pairs")
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise DataError("each batch must be an (inputs, targets) pair")
+    return batch[0], batch[1]
+
+
+def _schedule(kind: str, total: int, warmup: int) -> Callable[[int], float]:
+    if kind not in ("cosine", "step", "constant", "linear"):
+        raise NeuralignError(f"schedule must be cosine, step, linear or constant, got {kind!r}")
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        p = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * p))
+        if kind == "linear":
+            return 1.0 - p
+        return 0.1 ** int(p * 3 + 1e-9)  # step: x0.1 at 1/3 and 2/3 of training
+
+    return factor
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    name = name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    raise NeuralignError(f"optimizer must be sgd, adam or adamw, got {name!r}")
+
+
+def _call(callbacks: Sequence, hook: str, *args) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(*args)
+
+
+def _progress(enabled: bool):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not enabled,
+                    transient=True)
+
+
+def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
+          optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
+          schedule: str = "cosine", warmup_steps: int = 0, label_smoothing: float = 0.0,
+          param_groups: list[dict] | None = None, callbacks: Iterable = (),
+          regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+          loss_fn: LossFn | None = None, val_loader=None, device=None, progress: bool = True,
+          seed: int = 0, batch_size: int = 128, max_steps: int | None = None) -> History:
+    """Train ``model`` in place. Returns the per-epoch history.
+
+    ``param_groups`` are dicts with ``params`` and an optional ``lr_scale``: at every step each
+    group's rate is ``lr * lr_scale * schedule(step)``, read afresh, so callbacks may change
+    ``lr_scale`` in place without rebuilding the optimizer.
+    """
+    if epochs < 1:
+        raise NeuralignError(f"epochs must be >= 1, got {epochs}")
+    loader = as_loader(loader, batch_size=batch_size, shuffle=True, seed=seed)
+    if len(loader) == 0:
+        raise DataError("the training loader yields no batches; is the data set empty?")
+    device = torch.device(device) if device is not None else model_device(model)
+    model.to(device)
+    callbacks = list(callbacks)
+    if param_groups is None:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = [dict(g, params=list(g["params"])) for g in param_groups]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise NeuralignError("nothing to train: every parameter is frozen")
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    opt = make_optimizer(optimizer, groups, lr, momentum, weight_decay)
+    steps_per_epoch = len(loader) if max_steps is None else min(len(loader), max_steps)
+    total = epochs * steps_per_epoch
+    factor = _schedule(schedule, total, warmup_steps)
+    if loss_fn is None:
+        loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)  # noqa
+    torch.manual_seed(seed)
+    history = History()
+    start = time.perf_counter()
+    step = 0
+    _call(callbacks, "on_train_start", model, opt)
+    with _progress(progress) as bar:
+        task = bar.add_task("train", total=total, info="")
+        for epoch in range(epochs):
+            model.train()
+            _call(callbacks, "on_epoch_start", model, opt, epoch)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for i, batch in enumerate(loader):
+                if i >= steps_per_epoch:
+                    break
+                x, y = _split_batch(batch)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                f = factor(step)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g["lr_scale"] * f
+                out = model(x)
+                loss = loss_fn(out, y)
+                if regularizer is not None:
+                    loss = loss + regularizer(model)
+                if not torch.isfinite(loss):
+                    raise NeuralignError(f"training diverged (loss {loss.item()}) at epoch "
+                                         f"{epoch + 1}, step {i + 1}; lower the learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                _call(callbacks, "after_backward", model, opt)
+                opt.step()
+                _call(callbacks, "after_step", model, opt)
+                n = y.shape[0]
+                loss_sum += loss.item() * n
+                seen += n
+                classify = y.dtype == torch.int64 and out.dim() == 2
+                if classify:
+                    correct += (out.argmax(1) == y).sum().item()
+                step += 1
+                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} "
+                                                 f"loss {loss_sum / seen:.3f}")
+            metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
+                       "train_accuracy": correct / seen if classify else float("nan")}
+            if val_loader is not None:
+                ev = evaluate(model, val_loader, loss_fn=loss_fn, device=device)
+                metrics.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
+            history.epochs.append(metrics)
+            _call(callbacks, "on_epoch_end", model, opt, epoch, metrics)
+    history.seconds = time.perf_counter() - start
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated outputs and targets over a loader, in eval mode (the mode is restored)."""
+    loader = as_loader(loader)
+    device = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.eval()
+    outs, ys = [], []
+    try:
+        for batch in loader:
+            x, y = _split_batch(batch)
+            outs.append(model(x.to(device)).float().cpu())
+            ys.append(y)
+    finally:
+        model.train(was_training)
+    if not outs:
+        raise DataError("the evaluation loader yields no batches; is the data set empty?")
+    return torch.cat(outs), torch.cat(ys)
+
+
+def evaluate(model: nn.Module, loader, *, loss_fn: LossFn | None = None,
+             device=None) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` over ``loader`` (eval mode)."""
+    out, y = predict(model, loader, device=device)
+    if loss_fn is None:
+        loss = F.cross_entropy(out, y, reduction="mean") if y.dtype == torch.int64 else \
+            F.mse_loss(out.squeeze(-1), y.float())
+    else:
+        loss = loss_fn(out, y)
+    acc = (out.argmax(1) == y).float().mean().item() if (
+        y.dtype == torch.int64 and out.dim() == 2) else float("nan")
+    return {"loss": float(loss), "accuracy": acc, "n": int(y.shape[0])}
