@@ -1,0 +1,84 @@
+"""The small from-scratch models of LEVI (Roh et al. 2024, Appendix D.2) and how to build them.
+
+- ``CNN4``: four 3x3 convolutions (32, 64, 64, 64 features), each followed by batch norm, ReLU
+  and 2x2 max pooling; the last map is flattened (the vision small model).
+- ``TextMLP``: token embeddings averaged over the non-padding tokens, then a two-layer MLP (512
+  and 256 units; the recommendation small model, "a two-layer MLP with input embedding layers").
+
+Both output features, not logits: LEVI's adapting heads make the predictions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neuralign.errors import NeuralignError
+
+
+class CNN4(nn.Module):
+    def __init__(self, in_channels: int = 1, widths=(32, 64, 64, 64)):
+        super().__init__()
+        layers, cin = [], in_channels
+        for w in widths:
+            layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+
+    def forward(self, x):
+        return self.flatten(self.features(x))
+
+
+class TextMLP(nn.Module):
+    def __init__(self, vocab_size: int, embed_dim: int = 64, hidden=(512, 256),
+                 pad_token_id: int = 0):
+        super().__init__()
+        self.pad_token_id = pad_token_id
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_token_id)
+        dims = [embed_dim, *hidden]
+        mlp = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mlp += [nn.Linear(a, b), nn.ReLU()]
+        self.mlp = nn.Sequential(*mlp)
+
+    def forward(self, input_ids=None, attention_mask=None):
+        if isinstance(input_ids, dict):
+            input_ids, attention_mask = input_ids["input_ids"], input_ids.get("attention_mask")
+        mask = (input_ids != self.pad_token_id) if attention_mask is None else attention_mask.bool()
+        m = mask.unsqueeze(-1).float()
+        e = (self.embed(input_ids) * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.mlp(e)
+
+
+def build_small(spec, example_input=None, *, seed: int = 0, **kwargs) -> nn.Module:
+    """A small model from a name or a module. ``cnn4`` (paper, default for images), ``text_mlp``
+    (needs ``vocab_size``), or any ``neuralign.models`` name whose head is then removed so that
+    it outputs features; an ``nn.Module`` is returned as is."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, str):
+        raise NeuralignError(f"small model must be a name or an nn.Module, got {type(spec).__name__}")
+    in_ch = int(example_input.shape[1]) if (example_input is not None and
+                                            torch.is_tensor(example_input) and
+                                            example_input.dim() == 4) else 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec == "cnn4":
+            return CNN4(in_channels=in_ch, **kwargs)
+        if spec == "text_mlp":
+            if "vocab_size" not in kwargs:
+                raise NeuralignError("small='text_mlp' needs vocab_size")
+            return TextMLP(**kwargs)
+        from neuralign.models import get_head_name, get_model
+
+        kw = dict(kwargs)
+        if example_input is not None and torch.is_tensor(example_input) and example_input.dim() == 4:
+            kw.setdefault("in_channels", in_ch)
+            kw.setdefault("image_size", int(example_input.shape[-1]))
+        model = get_model(spec, **kw)
+        head = get_head_name(model)
+        parent, _, child = head.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        return model
