@@ -1,0 +1,236 @@
+"""REPAIR (Jordan et al., 2023), forward-pass-exact variant, folded back into the weights.
+
+For every corrected unit the merged model's pre-activation mean and standard deviation are set
+to the interpolation of the end points' (survey Eq. 12-13). The correction is a per-channel
+affine map; it is computed with batch statistics during one pass over ``loader`` (as the
+authors' inserted batch-norm layers do, together with the reset of the existing batch norms)
+and then folded into the weights and biases of the corrected module, so the returned model has
+the original architecture.
+
+Corrected places (default): the output of every norm layer with a per-channel affine
+(BatchNorm, GroupNorm, LayerNorm) and of every Conv/Linear layer that does not feed a BatchNorm
+directly and is not the model's output layer. Residual-block *sums* are corrected through
+their summands (the last norm or conv of the branch and of the shortcut): a correction after
+the addition cannot be folded into an identity shortcut.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from neuralign.errors import DataError, NeuralignError
+from neuralign.merge._util import as_state_dict, check_same_architecture, device_of, split_batch
+from neuralign.merge.basic import _NORMS
+
+_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_AFFINE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
+
+
+def _channel_dim(m: nn.Module) -> int:
+    if isinstance(m, nn.Linear):
+        return -1
+    if isinstance(m, nn.LayerNorm):
+        return -len(m.normalized_shape)
+    return 1
+
+
+def _foldable(m: nn.Module) -> bool:
+    if isinstance(m, _LINEAR):
+        return True
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return m.affine
+    if isinstance(m, nn.GroupNorm):
+        return m.affine
+    if isinstance(m, nn.LayerNorm):
+        return m.elementwise_affine and getattr(m, "bias", None) is not None
+    return False
+
+
+@torch.no_grad()
+def default_targets(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the modules REPAIR corrects by default (see the module docstring)."""
+    outs: dict[int, str] = {}
+    fed_bn: set[str] = set()
+    order: list[str] = []
+    handles = []
+    named = dict(model.named_modules())
+
+    def post(name):
+        def hook(mod, inp, out):
+            if isinstance(out, torch.Tensor):
+                outs[id(out)] = name
+                order.append(name)
+        return hook
+
+    def pre_bn(mod, inp):
+        src = outs.get(id(inp[0]))
+        if src is not None:
+            fed_bn.add(src)
+
+    for name, m in named.items():
+        if isinstance(m, _LINEAR + _AFFINE_NORMS) and _foldable(m):
+            handles.append(m.register_forward_hook(post(name)))
+        if isinstance(m, _NORMS):
+            handles.append(m.register_forward_pre_hook(pre_bn))
+    was = model.training
+    model.eval()
+    try:
+        y = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    final = outs.get(id(y))
+    seen, result = set(), []
+    for name in order:
+        if name in seen or name == final or name in fed_bn:
+            continue
+        seen.add(name)
+        result.append(name)
+    return result
+
+
+def _flat(y: torch.Tensor, dim: int) -> torch.Tensor:
+    return y.movedim(dim, -1).reshape(-1, y.shape[dim])
+
+
+@torch.no_grad()
+def channel_stats(model: nn.Module, loader: Iterable, names: Sequence[str],
+                  max_batches: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and standard deviation of the outputs of ``names`` (eval mode)."""
+    mods = dict(model.named_modules())
+    acc: dict[str, list] = {}
+    handles = []
+
+    def hook(name, dim):
+        def f(mod, inp, out):
+            z = _flat(out.double(), dim)
+            s = acc.setdefault(name, [0.0, 0.0, 0])
+            s[0] = s[0] + z.sum(0)
+            s[1] = s[1] + (z * z).sum(0)
+            s[2] += z.shape[0]
+        return f
+
+    for n in names:
+        handles.append(mods[n].register_forward_hook(hook(n, _channel_dim(mods[n]))))
+    was = model.training
+    model.eval()
+    dev = device_of(model)
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, _ = split_batch(batch)
+            model(x.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    if not acc:
+        raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
+    out = {}
+    for n, (s1, s2, c) in acc.items():
+        mean = s1 / c
+        var = (s2 / c - mean * mean).clamp_min(0)
+        out[n] = (mean.float(), var.sqrt().float())
+    return out
+
+
+def _fold(m: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make ``m``'s output ``scale * out + shift`` per channel."""
+    scale = scale.to(m.weight.dtype)
+    shift = shift.to(m.weight.dtype)
+    w = m.weight
+    shape = [-1] + [1] * (w.dim() - 1)
+    w.mul_(scale.view(shape))
+    if getattr(m, "bias", None) is None:
+        m.bias = nn.Parameter(torch.zeros(w.shape[0] if isinstance(m, _LINEAR) else w.shape,
+                                          dtype=w.dtype, device=w.device))
+    b = m.bias
+    bshape = [-1] + [1] * (b.dim() - 1)
+    b.mul_(scale.view(bshape)).add_(shift.view(bshape))
+
+
+@torch.no_grad()
+def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: float = 0.5, *,
+           targets: Sequence[str] | None = None, max_batches: int | None = None,
+           eps: float = 1e-5) -> nn.Module:
+    """REPAIR ``merged`` (= ``(1-t)·a + t·b`` of aligned models) and fold the correction in.
+
+    Returns a new model with ``merged``'s architecture and state-dict keys (a Conv/Linear
+    without bias that must be shifted gains a ``bias``). Batch-norm running statistics are
+    reset in the same pass. ``targets`` overrides the corrected module names.
+    """
+    for m in (a, b, merged):
+        if not isinstance(m, nn.Module):
+            raise TypeError("repair() takes nn.Module models (load state dicts into a model first)")
+    check_same_architecture([as_state_dict(a), as_state_dict(b), as_state_dict(merged)])
+    c = copy.deepcopy(merged)
+    mods = dict(c.named_modules())
+    if targets is None:
+        x0 = None
+        for batch in loader:
+            x0, _ = split_batch(batch)
+            break
+        if x0 is None:
+            raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
+        targets = default_targets(c, x0.to(device_of(c)))
+    bad = [n for n in targets if n not in mods or not _foldable(mods[n])]
+    if bad:
+        raise NeuralignError(f"cannot REPAIR modules {bad[:3]}: not a Conv/Linear/affine norm layer")
+    sa = channel_stats(a, loader, targets, max_batches)
+    sb = channel_stats(b, loader, targets, max_batches)
+    goal = {n: ((1 - t) * sa[n][0] + t * sb[n][0], (1 - t) * sa[n][1] + t * sb[n][1]) for n in targets}
+
+    run: dict[str, list] = {}
+    handles = []
+
+    def hook(name, dim):
+        def f(mod, inp, out):
+            z = _flat(out, dim)
+            mu, var = z.mean(0), z.var(0, unbiased=False)
+            nb = z.shape[0]
+            r = run.setdefault(name, [0.0, 0.0, 0])
+            r[0] = r[0] + mu.double()
+            r[1] = r[1] + var.double() * nb / max(nb - 1, 1)
+            r[2] += 1
+            gm, gs = goal[name]
+            scale = gs.to(out.dtype) / (var + eps).sqrt()
+            shift = gm.to(out.dtype) - mu * scale
+            shape = [1] * out.dim()
+            shape[dim] = -1
+            return out * scale.view(shape) + shift.view(shape)
+        return f
+
+    for n in targets:
+        handles.append(mods[n].register_forward_hook(hook(n, _channel_dim(mods[n]))))
+    bns = [m for m in c.modules() if isinstance(m, _NORMS)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    c.train()
+    dev = device_of(c)
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, _ = split_batch(batch)
+            c(x.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+    c.eval()
+    for n in targets:
+        s1, s2, k = run[n]
+        rm, rv = (s1 / k).float(), (s2 / k).float()
+        gm, gs = goal[n]
+        scale = gs / (rv + eps).sqrt()
+        _fold(mods[n], scale, gm - rm * scale)
+    return c
