@@ -1,0 +1,233 @@
+"""Activation matching: one pass over data collecting, per group, streaming sums of the
+activations of both models (means, variances, cross-products), then one LAP per group on the
+correlation (Li et al.; REPAIR; SHERPA) or the cross-covariance (Git Re-Basin §3.1)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import fx, nn
+
+from neuralign.errors import DataError, SpecError
+from neuralign.spec import spec_from_model
+from neuralign.spec.core import Permutation, PermutationSpec, Probe
+from neuralign.spec.trace import trace_model
+from neuralign.align.weight import _State, check_same_architecture, solve_lap, weight_matching
+
+__all__ = ["activation_matching", "ActivationStats", "first_input"]
+
+
+def first_input(batch):
+    """The input tensor of a loader batch: ``x`` or ``(x, y, ...)``."""
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if isinstance(batch, dict):
+        return batch
+    if not isinstance(batch, torch.Tensor):
+        raise DataError(f"the loader yields {type(batch).__name__}; expected tensors or "
+                        "(inputs, targets) tuples")
+    return batch
+
+
+def _units(t: torch.Tensor, probe: Probe, size: int) -> torch.Tensor:
+    """``(samples, size)`` view of an activation: every index but the unit's is a sample."""
+    if isinstance(t, (tuple, list)):
+        t = t[0]
+    dim = probe.dim % t.dim()
+    shape = tuple(t.shape[:dim]) + (probe.outer, size, probe.inner) + tuple(t.shape[dim + 1:])
+    if t.shape[dim] != probe.outer * size * probe.inner:
+        raise SpecError(f"probe {probe.name!r} has {t.shape[dim]} units on dim {dim}, the spec "
+                        f"expects {probe.outer * size * probe.inner}")
+    return t.reshape(shape).movedim(dim + 1, -1).reshape(-1, size)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, wanted, sink):
+        super().__init__(gm)
+        self.wanted, self.sink = wanted, sink
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.wanted:
+            self.sink[n.name] = out
+        return out
+
+
+class _Capture:
+    """Runs a (copied) model on a batch and returns ``probe name -> activation``."""
+
+    def __init__(self, model: nn.Module, probes: list[Probe], device=None):
+        self.model = copy.deepcopy(model).eval()
+        if device is not None:
+            self.model.to(device)
+        self.sink: dict = {}
+        node_names = {p.name for p in probes if p.kind == "node"}
+        mods = dict(self.model.named_modules())
+        for p in probes:
+            if p.kind == "module":
+                if p.name not in mods:
+                    raise SpecError(f"probe module {p.name!r} is not in the model")
+                mods[p.name].register_forward_hook(self._hook(p.name))
+        self.runner = None
+        if node_names:
+            gm = trace_model(self.model)
+            have = {n.name for n in gm.graph.nodes}
+            missing = node_names - have
+            if missing:
+                raise SpecError(f"probe node {sorted(missing)[0]!r} is not in the traced model; "
+                                "derive the spec from this model")
+            self.runner = _Recorder(gm, node_names, self.sink)
+
+    def _hook(self, name):
+        def fn(_m, _i, out):
+            self.sink[name] = out
+        return fn
+
+    @torch.no_grad()
+    def __call__(self, x) -> dict:
+        self.sink.clear()
+        if self.runner is not None:
+            self.runner.run(x)
+        else:
+            self.model(**x) if isinstance(x, dict) else self.model(x)
+        return dict(self.sink)
+
+
+class ActivationStats:
+    """Streaming first and second moments of paired unit activations (float64 sums)."""
+
+    def __init__(self, size: int):
+        self.n = 0
+        self.sa = torch.zeros(size, dtype=torch.float64)
+        self.sb = torch.zeros(size, dtype=torch.float64)
+        self.saa = torch.zeros(size, dtype=torch.float64)
+        self.sbb = torch.zeros(size, dtype=torch.float64)
+        self.sab = torch.zeros(size, size, dtype=torch.float64)
+
+    def update(self, za: torch.Tensor, zb: torch.Tensor) -> None:
+        za, zb = za.double().cpu(), zb.double().cpu()
+        self.n += za.shape[0]
+        self.sa += za.sum(0)
+        self.sb += zb.sum(0)
+        self.saa += (za * za).sum(0)
+        self.sbb += (zb * zb).sum(0)
+        self.sab += za.T @ zb
+
+    def cov(self) -> torch.Tensor:
+        ma, mb = self.sa / self.n, self.sb / self.n
+        return self.sab / self.n - torch.outer(ma, mb)
+
+    def corr(self) -> torch.Tensor:
+        ma, mb = self.sa / self.n, self.sb / self.n
+        va = (self.saa / self.n - ma * ma).clamp_min(0)
+        vb = (self.sbb / self.n - mb * mb).clamp_min(0)
+        denom = torch.outer(va.sqrt(), vb.sqrt())
+        c = self.cov() / denom.clamp_min(1e-12)
+        return torch.where(denom > 1e-12, c, torch.zeros_like(c))
+
+
+def _run_batch(capture, x, which):
+    try:
+        return capture(x)
+    except (SpecError, DataError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(f"model {which} cannot run on a loader batch of shape {shape} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+
+
+def activation_matching(model_a: nn.Module, model_b: nn.Module, loader, method: str = "corr",
+                        spec: PermutationSpec | None = None, *, max_batches: int | None = None,
+                        seed: int = 0, device=None, tie_break: float = 1e-4) -> Permutation:
+    """Permutation aligning ``model_b`` to ``model_a`` from their activations on ``loader``.
+
+    One pass; per group, sums over the probes of the group of the correlation (``"corr"``) or
+    cross-covariance (``"cov"``) matrices; one LAP per group. Groups without probes (attention
+    heads) are solved by weight matching with the others fixed. Models are not modified.
+
+    ``tie_break``: units whose activations do not tell them apart (dead ReLUs: zero variance)
+    are matched by weight similarity, added with this relative weight to the normalised
+    activation scores (two refinement sweeps; 0 disables).
+    """
+    if method not in ("corr", "cov"):
+        raise ValueError(f"method must be 'corr' or 'cov', got {method!r}")
+    t0 = time.perf_counter()
+    check_same_architecture(model_a.state_dict(), model_b.state_dict())
+    it = iter(loader)
+    try:
+        batch = next(it)
+    except StopIteration:
+        raise DataError("the loader is empty; activation matching needs data") from None
+    x0 = first_input(batch)
+    if spec is None:
+        spec = spec_from_model(model_a, x0 if not isinstance(x0, dict) else None)
+    probes = list(dict.fromkeys(p for g in spec.groups.values() for p in g.probes))
+    dev = torch.device(device) if device is not None else next(model_a.parameters()).device
+    cap_a, cap_b = _Capture(model_a, probes, dev), _Capture(model_b, probes, dev)
+    stats = {(n, i): ActivationStats(g.size) for n, g in spec.groups.items()
+             for i, _ in enumerate(g.probes)}
+    batches = 0
+
+    def consume(b):
+        x = first_input(b)
+        x = x.to(dev) if isinstance(x, torch.Tensor) else {k: v.to(dev) for k, v in x.items()}
+        acts_a, acts_b = _run_batch(cap_a, x, "A"), _run_batch(cap_b, x, "B")
+        for (n, i), st in stats.items():
+            p = spec.groups[n].probes[i]
+            st.update(_units(acts_a[p.name], p, st.sa.numel()),
+                      _units(acts_b[p.name], p, st.sa.numel()))
+
+    consume(batch)
+    batches += 1
+    for b in it:
+        if max_batches is not None and batches >= max_batches:
+            break
+        consume(b)
+        batches += 1
+    perm = Permutation.identity(spec)
+    scores: dict[str, torch.Tensor] = {}
+    before, after = {}, {}
+    for n, g in spec.groups.items():
+        if not g.probes:
+            continue
+        mats = [stats[(n, i)].corr() if method == "corr" else stats[(n, i)].cov()
+                for i in range(len(g.probes))]
+        s = torch.stack(mats).sum(0) / len(mats)
+        scores[n] = s
+        perm[n] = solve_lap(s)
+    if tie_break > 0 and scores:
+        perm = _tie_break(spec, model_a, model_b, perm, scores, tie_break)
+    for n, s in scores.items():
+        idx = torch.arange(spec.groups[n].size)
+        before[n] = float(s[idx, idx].mean())
+        after[n] = float(s[idx, perm[n]].mean())
+    rest = [n for n, g in spec.groups.items() if not g.probes]
+    if rest:
+        wm = weight_matching(spec, model_a, model_b, init=perm, groups=rest, seed=seed)
+        perm.update({n: wm[n] for n in rest})
+    perm.info = {"method": f"activation-{method}", "batches": batches,
+                 "samples": next(iter(stats.values())).n if stats else 0,
+                 "score_before": before, "score_after": after,
+                 "objective_init": sum(before.values()) / max(len(before), 1),
+                 "objective": sum(after.values()) / max(len(after), 1),
+                 "weight_matched_groups": rest, "time_s": time.perf_counter() - t0}
+    return perm
+
+
+def _tie_break(spec, model_a, model_b, perm, scores, tau, sweeps=2):
+    st = _State(spec, model_a.state_dict(), model_b.state_dict(), perm)
+    for _ in range(sweeps):
+        for n, s in scores.items():
+            sw = st.score(n)
+            if sw is None:
+                continue
+            sa = s[:, st.perm[n]].to(sw.device, torch.float64)
+            comb = sa / sa.abs().max().clamp_min(1e-30) + tau * sw.double() / sw.abs().max(
+            ).clamp_min(1e-30)
+            rel = solve_lap(comb)
+            st._take(n, rel)
+            st.perm[n] = st.perm[n][rel]
+    return Permutation(st.perm)
