@@ -66,7 +66,7 @@ def build_small(spec, example_input=None, *, seed: int = 0, **kwargs) -> nn.Modu
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if spec == "cnn4":
-            return CNN4(in_channels=in_ch, **kwargs)
+            return CNN4(**{"in_channels": in_ch, **kwargs})
         if spec == "text_mlp":
             if "vocab_size" not in kwargs:
                 raise NeuralignError("small='text_mlp' needs vocab_size")
