@@ -1,0 +1,154 @@
+"""Representation and weight analysis: CKA (linear, RBF), per-block L2, Kendall-tau of a permutation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from neuralign.errors import DataError, NeuralignError
+from neuralign.merge._util import as_state_dict, device_of, split_batch
+
+
+def _center_gram(k: torch.Tensor) -> torch.Tensor:
+    n = k.shape[0]
+    h = torch.eye(n, dtype=k.dtype) - 1.0 / n
+    return h @ k @ h
+
+
+def _gram(x: torch.Tensor, kernel: str, sigma: float | None) -> torch.Tensor:
+    if kernel == "linear":
+        return x @ x.T
+    if kernel == "rbf":
+        d2 = torch.cdist(x, x) ** 2
+        if sigma is None:
+            med = d2[d2 > 0].median() if (d2 > 0).any() else torch.tensor(1.0, dtype=x.dtype)
+            sig2 = med
+        else:
+            sig2 = torch.tensor(sigma, dtype=x.dtype) ** 2
+        return torch.exp(-d2 / (2 * sig2))
+    raise NeuralignError(f"unknown CKA kernel '{kernel}'; use 'linear' or 'rbf'")
+
+
+def cka(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", sigma: float | None = None) -> float:
+    """Centered kernel alignment (Kornblith et al., 2019) of two representations of the same
+    examples, ``x`` (N, ...) and ``y`` (N, ...). ``rbf`` uses ``sigma`` = the median pairwise
+    distance when not given. 1 for identical representations, invariant to unit permutations."""
+    if x.shape[0] != y.shape[0]:
+        raise NeuralignError(f"CKA needs the same examples: {x.shape[0]} vs {y.shape[0]} rows")
+    x = x.reshape(x.shape[0], -1).double()
+    y = y.reshape(y.shape[0], -1).double()
+    kx = _center_gram(_gram(x, kernel, sigma))
+    ky = _center_gram(_gram(y, kernel, sigma))
+    hsic = (kx * ky).sum()
+    den = (kx * kx).sum().sqrt() * (ky * ky).sum().sqrt()
+    return float(hsic / den.clamp_min(1e-30))
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    try:
+        from neuralign.models import block_names
+
+        names = block_names(model)
+        if names:
+            return list(names)
+    except Exception:  # noqa: BLE001 - models without the helper fall back to top-level children
+        pass
+    return [n for n, _ in model.named_children()]
+
+
+@torch.no_grad()
+def features(model: nn.Module, loader: Iterable, layers: Sequence[str], n_examples: int = 512
+             ) -> dict[str, torch.Tensor]:
+    """Outputs of the named modules on up to ``n_examples`` examples, flattened per example."""
+    mods = dict(model.named_modules())
+    missing = [n for n in layers if n not in mods]
+    if missing:
+        raise NeuralignError(f"model has no module {missing[0]!r}; layers: {default_layers(model)}")
+    store: dict[str, list] = {n: [] for n in layers}
+    hs = [mods[n].register_forward_hook(lambda m, i, o, n=n: store[n].append(o.reshape(o.shape[0], -1).cpu()))
+          for n in layers]
+    was = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in loader:
+            x, _ = split_batch(batch)
+            x = x[: n_examples - seen]
+            model(x.to(device_of(model)))
+            seen += len(x)
+            if seen >= n_examples:
+                break
+    finally:
+        for h in hs:
+            h.remove()
+        model.train(was)
+    if seen == 0:
+        raise DataError("the data loader yielded no batches; pass a non-empty loader for CKA")
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+def layer_cka(model_a: nn.Module, model_b: nn.Module, loader: Iterable, *,
+              layers_a: Sequence[str] | None = None, layers_b: Sequence[str] | None = None,
+              kernel: str = "linear", n_examples: int = 512, sigma: float | None = None):
+    """Layer × layer CKA matrix between two models on the same examples.
+
+    Returns ``(matrix, layers_a, layers_b)``; ``matrix[i, j]`` = CKA(layer i of A, layer j of B).
+    Default layers: the models' blocks (``neuralign.models.block_names``) or top-level children.
+    """
+    la = list(layers_a) if layers_a is not None else default_layers(model_a)
+    lb = list(layers_b) if layers_b is not None else default_layers(model_b)
+    fa = features(model_a, loader, la, n_examples)
+    fb = features(model_b, loader, lb, n_examples)
+    ka = {n: _center_gram(_gram(v.double(), kernel, sigma)) for n, v in fa.items()}
+    kb = {n: _center_gram(_gram(v.double(), kernel, sigma)) for n, v in fb.items()}
+    A = torch.stack([ka[n].reshape(-1) for n in la])
+    B = torch.stack([kb[n].reshape(-1) for n in lb])
+    num = A @ B.T
+    den = A.norm(dim=1)[:, None] * B.norm(dim=1)[None, :]
+    return (num / den.clamp_min(1e-30)).float(), la, lb
+
+
+def per_block_l2(a, b, blocks: Sequence[str] | None = None, *, relative: bool = False) -> dict[str, float]:
+    """L2 distance between the parameters of ``a`` and ``b`` per block (key prefix).
+
+    ``blocks`` defaults to the models' blocks; ``relative=True`` divides by the norm of ``a``'s block.
+    """
+    sa, sb = as_state_dict(a), as_state_dict(b)
+    if blocks is None:
+        if not isinstance(a, nn.Module):
+            raise NeuralignError("pass `blocks` when comparing state dicts")
+        blocks = default_layers(a)
+    pnames = set(dict(a.named_parameters())) if isinstance(a, nn.Module) else set(sa)
+    out = {}
+    for blk in blocks:
+        keys = [k for k in sa if (k == blk or k.startswith(blk + ".")) and k in pnames]
+        if not keys:
+            continue
+        for k in keys:
+            if k not in sb or sb[k].shape != sa[k].shape:
+                raise NeuralignError(f"models differ at '{k}'; per-block L2 needs the same architecture")
+        d = torch.sqrt(sum(((sa[k].double() - sb[k].double()) ** 2).sum() for k in keys))
+        if relative:
+            d = d / torch.sqrt(sum((sa[k].double() ** 2).sum() for k in keys)).clamp_min(1e-30)
+        out[blk] = float(d)
+    return out
+
+
+def kendall_tau_distance(perm) -> float | dict[str, float]:
+    """Normalised Kendall-tau distance of a permutation to the identity, in [0, 1].
+
+    The fraction of unit pairs whose order the permutation swaps (0 = identity, 1 = reversal).
+    A mapping (a ``Permutation``: group -> index tensor) gives one value per group.
+    """
+    if isinstance(perm, Mapping):
+        return {k: kendall_tau_distance(v) for k, v in perm.items()}
+    p = torch.as_tensor(perm).long().reshape(-1)
+    n = p.numel()
+    if n < 2:
+        return 0.0
+    if not torch.equal(torch.sort(p).values, torch.arange(n)):
+        raise NeuralignError("kendall_tau_distance needs a permutation of range(n)")
+    i, j = torch.triu_indices(n, n, 1)
+    return float((p[i] > p[j]).double().mean())
