@@ -38,7 +38,12 @@ def _source_batches(ctx: FinetuneContext, n: int, device) -> list:
     src = ctx.get("source_data")
     if src is None:
         raise NeuralignError("this strategy compares source and target data: pass "
-                             "source_data=<dataset or loader of the pre-training data>")
+                             "source_data=<dataset, loader or data name of the pre-training "
+                             "data> (CLI: -o source_data=fashion_mnist)")
+    if isinstance(src, str):  # from the CLI: -o source_data=fashion_mnist (its training split)
+        from neuralign.data import load_data
+
+        src = load_data(src, seed=ctx.seed).train
     loader = as_loader(src, batch_size=ctx.batch_size, shuffle=True, seed=ctx.seed + 17)
     return take_batches(loader, n, device)
 
