@@ -8,8 +8,9 @@ and then folded into the weights and biases of the corrected module, so the retu
 the original architecture.
 
 Corrected places (default): the output of every norm layer with a per-channel affine
-(BatchNorm, GroupNorm, LayerNorm) and of every Conv/Linear layer that does not feed a BatchNorm
-directly and is not the model's output layer. Residual-block *sums* are corrected through
+(BatchNorm, GroupNorm, LayerNorm) and of every Conv/Linear layer that does not feed a norm
+layer directly and is not the model's output layer (a Conv feeding a norm is corrected through
+the norm's output, so bias-free convolutions stay bias-free). Residual-block *sums* are corrected through
 their summands (the last norm or conv of the branch and of the shortcut): a correction after
 the addition cannot be folded into an identity shortcut.
 """
@@ -74,7 +75,7 @@ def default_targets(model: nn.Module, example: torch.Tensor) -> list[str]:
     for name, m in named.items():
         if isinstance(m, _LINEAR + _AFFINE_NORMS) and _foldable(m):
             handles.append(m.register_forward_hook(post(name)))
-        if isinstance(m, _NORMS):
+        if isinstance(m, _AFFINE_NORMS):
             handles.append(m.register_forward_pre_hook(pre_bn))
     was = model.training
     model.eval()
