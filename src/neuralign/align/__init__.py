@@ -1,10 +1,16 @@
-"""Finding permutations that align one model to another."""
+"""Finding permutations that align one model to another (each result, applied to ``b`` with
+:func:`neuralign.permute.apply_permutation`, aligns it to ``a``)."""
 
+from neuralign.align.activation import ActivationStats, activation_matching
+from neuralign.align.api import METHODS, align_models, l2_distance
+from neuralign.align.many import align_many, align_to_mean
+from neuralign.align.sinkhorn import sinkhorn_matching
+from neuralign.align.ste import ste_matching
 from neuralign.align.weight import solve_lap, weight_matching, weight_objective
-from neuralign.permute import random_permutation
+from neuralign.permute import apply_permutation, random_permutation
 from neuralign.spec.core import Permutation
 
-__all__ = ["Permutation", "weight_matching", "weight_objective", "random_permutation", "solve_lap"]
-from neuralign.align.activation import activation_matching  # noqa: E402
-
-__all__ += ["activation_matching"]
+__all__ = ["Permutation", "weight_matching", "weight_objective", "activation_matching",
+           "ste_matching", "sinkhorn_matching", "align_many", "align_to_mean", "align_models",
+           "random_permutation", "apply_permutation", "solve_lap", "ActivationStats", "METHODS",
+           "l2_distance"]

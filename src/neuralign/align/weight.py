@@ -99,14 +99,46 @@ class _State:
         self.perm[name] = self.perm[name][rel]
         return True
 
+    def head_score(self, name: str) -> torch.Tensor:
+        """Similarity of whole heads that ignores how dims inside a head are ordered:
+        ``sum_places ||X_a[i] X_b[j]^T||_F^2`` with ``X[i]`` the (inner, rest) block of head i."""
+        g = self.spec.groups[name]
+        s = None
+        for pl in g.places:
+            if pl.key not in self.A or pl.inner == 1:
+                continue
+            xa, xb = (_head_blocks(t[pl.key], pl, g.size) for t in (self.A, self.B))
+            term = torch.einsum("iar,jbr->ijab", xa, xb).pow(2).sum((2, 3))
+            s = term if s is None else s + term
+        return s
+
+    def init_heads(self, name: str) -> None:
+        s = self.head_score(name)
+        if s is not None:
+            rel = solve_lap(s)
+            self._take(name, rel)
+            self.perm[name] = self.perm[name][rel]
+
     def objective(self) -> float:
         return float(sum((self.A[k].double() * self.B[k].double()).sum() for k in self.keys))
+
+
+def _head_blocks(t: torch.Tensor, place, size: int) -> torch.Tensor:
+    """``(size, inner, rest)``: the block of each head, dims inside the head on axis 1."""
+    from neuralign.permute import _segment
+
+    seg, shape = _segment(t, place, size)
+    v = seg.reshape(shape).movedim(place.axis + 1, 0).movedim(place.axis + 2, 1)
+    return v.reshape(size, place.inner, -1)
 
 
 def _run(spec, sd_a, sd_b, init, names, max_iter, seed, rtol):
     t0 = time.perf_counter()
     st = _State(spec, sd_a, sd_b, init)
     hist = [st.objective()]
+    for n in names:  # attention heads first, by a score blind to within-head order
+        if spec.groups[n].kind == "heads":
+            st.init_heads(n)
     gen = torch.Generator().manual_seed(seed)
     sweeps, converged = 0, False
     for _ in range(max_iter):

@@ -16,8 +16,8 @@ from torch import nn
 from neuralign.spec.core import Group, PermutationSpec, Place, Probe
 
 
-def _add(groups: dict, name: str, size: int, places, probes=()) -> None:
-    groups[name] = Group(name, size, list(places), list(probes))
+def _add(groups: dict, name: str, size: int, places, probes=(), kind="units") -> None:
+    groups[name] = Group(name, size, list(places), list(probes), kind)
 
 
 def is_torchvision_vit(model: nn.Module) -> bool:
@@ -69,7 +69,7 @@ def vit_spec(model: nn.Module) -> PermutationSpec:
         resid.append(Place("heads.pre_logits.weight", 1))
     _add(groups, "resid", e, resid, probes)
     for lname, h, dh, hidden, heads, qk, vo, mlp, mprobes in layer_groups:
-        _add(groups, f"{lname}.heads", h, heads)
+        _add(groups, f"{lname}.heads", h, heads, kind="heads")
         _add(groups, f"{lname}.qk", dh, qk)
         _add(groups, f"{lname}.vo", dh, vo)
         _add(groups, f"{lname}.mlp", hidden, mlp, mprobes)
@@ -124,7 +124,7 @@ def bert_spec(model: nn.Module, permute_residual: bool | None = None) -> Permuta
         inter = sd[f"{p}.intermediate.dense.weight"].shape[0]
         mlp = [Place(f"{p}.intermediate.dense.weight", 0), Place(f"{p}.intermediate.dense.bias", 0),
                Place(f"{p}.output.dense.weight", 1)]
-        _add(groups, f"layer{i}.heads", h, heads)
+        _add(groups, f"layer{i}.heads", h, heads, kind="heads")
         _add(groups, f"layer{i}.qk", dh, qk)
         _add(groups, f"layer{i}.vo", dh, vo)
         _add(groups, f"layer{i}.mlp", inter, mlp, [Probe(f"{p}.intermediate", -1, kind="module")])

@@ -62,6 +62,7 @@ class Group:
     size: int
     places: list[Place] = field(default_factory=list)
     probes: list[Probe] = field(default_factory=list)
+    kind: str = "units"  # "heads": whole attention heads (other groups permute inside them)
 
     @property
     def keys(self) -> list[str]:
