@@ -9,7 +9,6 @@ training-domain validation set, the held-out domain as test), so one benchmark s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -27,18 +26,24 @@ def domain_name(angle: float) -> str:
     return f"rot{int(angle) if float(angle).is_integer() else angle}"
 
 
-def rotate(images: torch.Tensor, angle: float, fill: float | None = None) -> torch.Tensor:
-    """Rotate a batch ``(N, C, H, W)`` clockwise (as displayed) by ``angle`` degrees (bilinear); the
-    uncovered corners get ``fill`` (default: the batch minimum, the background of
-    standardised Fashion-MNIST / MNIST). Vectorised: one ``grid_sample`` call."""
+def rotate(images: torch.Tensor, angle: float | torch.Tensor, fill: float | None = None) -> torch.Tensor:
+    """Rotate a batch ``(N, C, H, W)`` clockwise (as displayed) by ``angle`` degrees (bilinear);
+    ``angle`` is one number or one per image (shape ``(N,)``). The uncovered corners get ``fill``
+    (default: the batch minimum, the background of standardised Fashion-MNIST / MNIST).
+    Vectorised: one ``grid_sample`` call."""
     if images.dim() != 4:
         raise DataError(f"rotate expects (N, C, H, W) images, got shape {tuple(images.shape)}")
-    if images.shape[0] == 0 or angle == 0:
+    n = images.shape[0]
+    ang = torch.as_tensor(angle, dtype=images.dtype).reshape(-1)
+    if ang.numel() not in (1, n):
+        raise DataError(f"rotate: {ang.numel()} angles for {n} images")
+    if n == 0 or bool((ang == 0).all()):
         return images.clone()
     fill = float(images.amin()) if fill is None else float(fill)
-    t = math.radians(angle)
-    c, s = math.cos(t), math.sin(t)
-    theta = torch.tensor([[c, s, 0.0], [-s, c, 0.0]], dtype=images.dtype).expand(images.shape[0], 2, 3)
+    t = torch.deg2rad(ang).expand(n)
+    c, s = torch.cos(t), torch.sin(t)
+    zero = torch.zeros_like(c)
+    theta = torch.stack([torch.stack([c, s, zero], 1), torch.stack([-s, c, zero], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     out = F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out + fill
