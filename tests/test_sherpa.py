@@ -49,13 +49,18 @@ def _out(model, x):
 def test_stage1_is_function_preserving_and_moves_units():
     d = _data()
     m, a = _model(num_classes=5, seed=0), _model(num_classes=3, seed=1)
-    res = finetune(m, d, strategy="sherpa", anchor=a, epochs=0, num_classes=3, **KW)
+    res = finetune(m, d, strategy="sherpa", anchor=a, head="keep", epochs=0, num_classes=3, **KW)
     ref = finetune(m, d, strategy="full", epochs=0, num_classes=3, **KW).model  # same new head
     x = d.tensors[0][:10]
     torch.testing.assert_close(_out(res.model, x), _out(ref, x), atol=1e-5, rtol=1e-5)
     perm = res.info["permutation"]
     assert sum(perm.moved().values()) > 0
     assert set(res.info["kendall_tau"]) == set(perm)
+    # head="new" (the paper): the same fresh head as ERM's, on permuted features
+    new = finetune(m, d, strategy="sherpa", anchor=a, head="new", epochs=0, num_classes=3, **KW).model
+    torch.testing.assert_close(new.classifier.weight, ref.classifier.weight)
+    torch.testing.assert_close(new.state_dict()["block1.0.0.weight"], res.model.state_dict()["block1.0.0.weight"])
+    assert not torch.allclose(_out(new, x), _out(ref, x))
 
 
 def test_alignment_recovers_a_hidden_permutation_of_the_anchor():
@@ -63,7 +68,7 @@ def test_alignment_recovers_a_hidden_permutation_of_the_anchor():
     a = _model(seed=1)
     spec = spec_from_model(a, d.tensors[0][:2])
     m = apply_permutation(a, random_permutation(spec, seed=7), spec)  # the anchor, scrambled
-    res = finetune(m, d, strategy="sherpa", anchor=a, epochs=0, **KW)
+    res = finetune(m, d, strategy="sherpa", anchor=a, head="keep", epochs=0, **KW)
     for k, v in a.state_dict().items():
         torch.testing.assert_close(res.model.state_dict()[k], v, msg=f"{k} not realigned")
 
@@ -110,7 +115,7 @@ def test_sgd_is_permutation_equivariant():
 def test_random_perm_differs_by_seed_and_preserves_function():
     d = _data()
     m = _model(seed=0)
-    r0 = finetune(m, d, strategy="random_perm", perm_seed=0, epochs=0, **KW).model
+    r0 = finetune(m, d, strategy="random_perm", perm_seed=0, head="keep", epochs=0, **KW).model
     r1 = finetune(m, d, strategy="random_perm", perm_seed=1, epochs=0, **KW).model
     x = d.tensors[0][:8]
     torch.testing.assert_close(_out(r0, x), _out(m, x), atol=1e-5, rtol=1e-5)
@@ -149,7 +154,8 @@ def test_stage1_on_a_torchvision_resnet():
     torch.manual_seed(1)
     a = tv.models.resnet18(num_classes=4)
     d = _data(n=16, classes=4, size=32, ch=3)
-    res = finetune(m, d, strategy="sherpa", anchor=a, epochs=0, num_classes=4, align_batches=1, **KW)
+    res = finetune(m, d, strategy="sherpa", anchor=a, head="keep", epochs=0, num_classes=4,
+                   align_batches=1, **KW)
     ref = finetune(m, d, strategy="full", epochs=0, num_classes=4, **KW).model
     x = d.tensors[0][:4]
     torch.testing.assert_close(_out(res.model, x), _out(ref, x), atol=1e-4, rtol=1e-4)

@@ -11,8 +11,11 @@ random head ``pi(M)`` starts with (the random-permutation baseline's effect; see
 ``tests/test_sherpa.py::test_sgd_is_permutation_equivariant``). Options that make the
 alignment matter:
 
-* ``head="new"`` (the paper as written), ``head="anchor"`` (transplant the anchor's trained
-  head onto the aligned features: possible only because the features are aligned);
+* ``head="new"`` (the paper as written: a freshly initialised head, seeded like ERM's, on the
+  aligned features), ``head="anchor"`` (transplant the anchor's trained head onto the aligned
+  features: possible only because the features are aligned), ``head="keep"`` (carry the
+  model's own head through the permutation: stage 1 is then exactly function-preserving, and
+  by equivariance the whole run equals ERM permuted);
 * ``lam``: start at ``(1 - lam) * pi(M) + lam * A`` (BN statistics re-estimated when ``lam > 0``);
 * ``select=True`` (strategy ``sherpa_select``): fine-tune only the blocks whose Kendall-tau
   distance between ``M`` and ``pi(M)`` is atypical (robust z-score, see ``select_blocks``).
@@ -124,16 +127,28 @@ def select_blocks(block_tau: Mapping[str, float], z: float = 2.0) -> list[str]:
     return chosen or [names[int(dev.argmax())]]
 
 
-def _align_loader(loader: DataLoader, batches: int | None) -> DataLoader:
-    xs, ys = [], []
-    for i, batch in enumerate(loader):
-        if batches is not None and i >= batches:
-            break
-        xs.append(batch[0])
-        ys.append(batch[1])
-    if not xs:
-        raise NeuralignError("SHERPA needs at least one source batch for activation matching")
-    return DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=loader.batch_size or 64)
+def _align_loader(loader: DataLoader, batches: int | None, seed: int) -> DataLoader:
+    """``batches`` batches of a seeded random sample of the training set, drawn without touching
+    the training loader's generator (so the training data order is the same as ERM's)."""
+    bs = loader.batch_size or 64
+    ds = getattr(loader, "dataset", None)
+    if ds is not None and hasattr(ds, "__len__") and len(ds) > 0:
+        n = len(ds) if batches is None else min(len(ds), batches * bs)
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+        sample = [ds[i] for i in idx.tolist()]
+        xs = torch.stack([torch.as_tensor(b[0]) for b in sample])
+        ys = torch.as_tensor([int(b[1]) for b in sample])
+    else:
+        xs_l, ys_l = [], []
+        for i, batch in enumerate(loader):
+            if batches is not None and i >= batches:
+                break
+            xs_l.append(batch[0])
+            ys_l.append(batch[1])
+        if not xs_l:
+            raise NeuralignError("SHERPA needs at least one source batch for activation matching")
+        xs, ys = torch.cat(xs_l), torch.cat(ys_l)
+    return DataLoader(TensorDataset(xs, ys), batch_size=bs)
 
 
 def align_to_anchor(
@@ -224,15 +239,19 @@ class Sherpa(Strategy):
 
     def prepare(self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext) -> nn.Module:
         head = self.options["head"]
-        if head not in ("new", "anchor"):
-            raise NeuralignError(f"head must be 'new' or 'anchor', got {head!r}")
+        if head not in ("new", "anchor", "keep"):
+            raise NeuralignError(f"head must be 'new', 'anchor' or 'keep', got {head!r}")
         lam = float(self.options["lam"])
         if not 0.0 <= lam <= 1.0:
             raise NeuralignError(f"lam must lie in [0, 1], got {lam}")
         anchor = self._anchor(ctx, model) if self._needs_anchor() else None
-        align_loader = _align_loader(loader, self.options["align_batches"])
+        align_loader = _align_loader(loader, self.options["align_batches"], ctx.seed)
         aligned, perm, spec = self._permute(model, anchor, align_loader, ctx)
-        if head == "anchor" and anchor is not None:
+        if head == "new":  # a fresh head on the aligned features, as in the paper
+            from neuralign.finetune.api import head_out_features, new_head
+
+            aligned = new_head(aligned, head_out_features(aligned), ctx.seed)
+        elif head == "anchor" and anchor is not None:
             sd, a_sd = aligned.state_dict(), anchor.state_dict()
             aligned.load_state_dict({**sd, **{k: a_sd[k].clone() for k in _head_names(aligned)}})
         if lam > 0 and anchor is not None:
@@ -302,8 +321,8 @@ class RandomPerm(Sherpa):
         from neuralign.permute import apply_permutation, random_permutation
         from neuralign.spec import spec_from_model
 
-        if self.options["head"] != "new" or float(self.options["lam"]) > 0:
-            raise NeuralignError("random_perm has no anchor: use head='new' and lam=0")
+        if self.options["head"] not in ("new", "keep") or float(self.options["lam"]) > 0:
+            raise NeuralignError("random_perm has no anchor: use head='new' or 'keep', and lam=0")
         x = next(iter(align_loader))[0][:2]
         spec = spec_from_model(model, x.to(next(model.parameters()).device))
         seed = ctx.seed if self.options["perm_seed"] is None else int(self.options["perm_seed"])
