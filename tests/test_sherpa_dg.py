@@ -66,6 +66,7 @@ def _tiny_imagefolder(root: Path) -> None:
                 Image.fromarray(img).save(root / d / c / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_benchmark_domainbed_path_runs_with_torchvision_resnet50(tmp_path):
     pytest.importorskip("torchvision")
     _tiny_imagefolder(tmp_path / "data")
