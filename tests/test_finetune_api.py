@@ -170,3 +170,24 @@ def test_best_val_selection_keeps_a_trained_epoch():
     res = finetune(_model(), d, strategy="full", val_data=_data(seed=1), select="best_val",
                    **{**KW, "epochs": 2})
     assert res.info["selected_epochs"][0] in (0, 1)
+
+
+@pytest.mark.parametrize("name", ["torchvision:mobilenet_v3_small", "timm:resnet10t"])
+def test_linear_probe_on_real_architectures_replaces_and_trains_only_the_head(name):
+    pytest.importorskip(name.split(":")[0])
+    from neuralign.models import get_model
+
+    torch.manual_seed(0)
+    try:
+        m = get_model(name, num_classes=10)
+    except NeuralignError as exc:  # an architecture this timm version lacks
+        pytest.skip(str(exc))
+    g = torch.Generator().manual_seed(0)
+    d = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g))
+    res = finetune(m, d, strategy="linear_probe", epochs=1, lr=0.05, batch_size=4, num_classes=4,
+                   progress=False)
+    head = get_head_name(res.model)
+    assert res.model.get_submodule(head).out_features == 4
+    start = finetune(m, d, strategy="full", epochs=0, num_classes=4, progress=False).model
+    changed = _changed(start, res.model)
+    assert changed == {f"{head}.weight", f"{head}.bias"}, sorted(changed)[:5]
