@@ -36,7 +36,7 @@ from neuralign.data.rotated import leave_one_domain_out, rotate, rotated_fashion
 from neuralign.finetune import finetune  # noqa: E402
 from neuralign.finetune.basic import OutputEnsemble  # noqa: E402
 from neuralign.finetune.sherpa import soup  # noqa: E402
-from neuralign.models import block_names, get_model  # noqa: E402
+from neuralign.models import block_names, get_model, replace_head  # noqa: E402
 from neuralign.train import evaluate, train  # noqa: E402
 
 DG_CLASSES, PT_CLASSES = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
@@ -45,6 +45,7 @@ LABELS = {
     "lp": "LP",
     "lpft": "LP-FT",
     "wise": "WiSE-FT (alpha=0.5)",
+    "erm2x": "ERM, 2x epochs (compute of anchor + ERM)",
     "ens": "Ensemble (m=6)",
     "rp": "Random perm.",
     "sh_new_a1": "SHERPA head=new, A=1",
@@ -139,10 +140,11 @@ def run(args) -> dict:
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
         anchors = []
-        if need_anchor:
+        if need_anchor:  # the anchors share B and one head initialisation (soups need a shared start)
+            b_start = replace_head(B, k, seed=100)
             for i in range(n_anchor):
                 t0 = time.perf_counter()
-                anchors.append(finetune(B, tr, strategy="full", seed=100 + i, **run_kw).model)
+                anchors.append(finetune(b_start, tr, strategy="full", seed=100 + i, **run_kw).model)
                 if i == 0:
                     record("anchor_a1", 0, anchors[0], t0)
             a6 = soup(anchors)
@@ -155,7 +157,8 @@ def run(args) -> dict:
                     continue
                 t0 = time.perf_counter()
                 strat, opts, lr = _method(key, anchors, seed, args)
-                res = finetune(M, tr, strategy=strat, seed=seed, **{**run_kw, "lr": lr}, **opts)
+                epochs = opts.pop("_epochs", args.epochs)
+                res = finetune(M, tr, strategy=strat, seed=seed, **{**run_kw, "lr": lr, "epochs": epochs}, **opts)
                 record(key, seed, res.model, t0)
                 if key == "erm":
                     erm_models.append(res.model)
@@ -175,6 +178,8 @@ def _method(key, anchors, seed, args):
     lr = args.lr
     if key == "erm":
         return "full", {}, lr
+    if key == "erm2x":
+        return "full", {"_epochs": 2 * args.epochs}, lr
     if key == "lp":
         return "linear_probe", {}, 10 * lr
     if key == "lpft":
@@ -239,6 +244,7 @@ def report(out: dict, path: str) -> None:
     targets = [t for t in out["domains"] if all(t in v for v in res.values())]
     lines = ["# SHERPA and robust fine-tuning baselines: leave-one-domain-out", "",
              f"Command: `{('.venv/bin/python benchmarks/sherpa_dg.py ' + cfg.get('argv', '')).strip()}`", ""]
+    lines += [f"Merged from `{m['file']}` (run with `{m['argv']}`)." for m in out.get("merged", [])]
     lines += _setup_text(cfg) + [""]
     head = "| method | " + " | ".join(f"{t} OOD" for t in targets) + " | avg OOD (mean ± std over seeds) | avg ID (source val) |"
     lines += ["## Accuracy (%), target = the left-out domain", "", head, "|" + "---|" * (len(targets) + 3)]
@@ -274,7 +280,7 @@ def _setup_text(cfg):
         f"(LP: 10x), cosine schedule, batch {cfg['batch_size']}, {cfg['epochs']} epochs (LP-FT: "
         f"{max(1, cfg['epochs'] // 3)} LP epochs + {cfg['epochs']} FT epochs), weight decay {cfg['weight_decay']}, "
         f"{cfg['seeds']} seeds (head init + data order). Anchors: B fine-tuned on the sources like ERM "
-        f"(seeds 100..{99 + cfg['n_anchors']}); A=6 is their uniform weight soup. SHERPA aligns by activation "
+        f"(one shared head initialisation, data-order seeds 100..{99 + cfg['n_anchors']}); A=6 is their uniform weight soup. SHERPA aligns by activation "
         f"correlation (Eq. 1) on {cfg['align_batches']} source batches. Random perm.: a different random "
         "permutation per seed. CPU-scaled (2 shared cores): tiny model, small domains, few epochs; the "
         "paper uses ResNet-50 from ImageNet on PACS/VLCS/TerraIncognita for 30 epochs.",
@@ -366,6 +372,8 @@ def parse(argv=None):
     p.add_argument("--cache", default="/tmp/neuralign_sherpa_dg_cache")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "sherpa_dg"))
     p.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
+    p.add_argument("--merge", action="append", default=[],
+                   help="with --report-only: add the methods of another run's JSON (same setup)")
     args = p.parse_args(argv)
     args.argv = " ".join(argv if argv is not None else sys.argv[1:])
     return args
@@ -375,6 +383,11 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.report_only:
         out = json.loads(Path(args.out + ".json").read_text())
+        for extra in args.merge:
+            other = json.loads(Path(extra).read_text())
+            for key, per_target in other["results"].items():
+                out["results"].setdefault(key, per_target)
+            out.setdefault("merged", []).append({"file": Path(extra).name, "argv": other["config"].get("argv", "")})
     else:
         t0 = time.perf_counter()
         out = run(args)

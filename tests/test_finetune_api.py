@@ -100,8 +100,11 @@ def test_half_changes_only_the_top_half():
     changed = _changed(start, res.model)
     assert changed, "nothing trained"
     assert not any(k.startswith(tuple(b + "." for b in bottom)) for k in changed)
-    top_params = [k for k, _ in res.model.named_parameters()
-                  if k.startswith(tuple(t + "." for t in top)) and k.endswith("weight")]
+    top_params = [
+        k
+        for k, _ in res.model.named_parameters()
+        if k.startswith(tuple(t + "." for t in top)) and k.endswith("weight")
+    ]
     assert top_params and set(top_params) <= changed
     assert res.info["trained_blocks"] == top
 
@@ -121,7 +124,9 @@ def test_lp_ft_and_wise_ft_endpoints():
             torch.testing.assert_close(w0.model.state_dict()[k], start.state_dict()[k])
     wh = finetune(m, d, strategy="wise_ft", alpha=0.5, seed=3, **KW).model
     k = f"{get_head_name(wh)}.weight"
-    torch.testing.assert_close(wh.state_dict()[k], 0.5 * (full.state_dict()[k] + start.state_dict()[k]))
+    torch.testing.assert_close(
+        wh.state_dict()[k], 0.5 * (full.state_dict()[k] + start.state_dict()[k])
+    )
 
 
 def test_ensemble_averages_member_probabilities():
@@ -147,13 +152,16 @@ def test_custom_strategy_param_groups_and_callbacks_are_used():
         def param_groups(self, model):
             head = get_head_name(model)
             body = [p for n, p in model.named_parameters() if not n.startswith(head + ".")]
-            return [{"params": body, "lr_scale": self.options["scale"]},
-                    {"params": list(model.get_submodule(head).parameters()), "lr_scale": 1.0}]
+            return [
+                {"params": body, "lr_scale": self.options["scale"]},
+                {"params": list(model.get_submodule(head).parameters()), "lr_scale": 1.0},
+            ]
 
         def callbacks(self, model, loader, ctx):
             class CB:
                 def on_epoch_end(self, model, opt, epoch, metrics):
                     seen.append((epoch, ctx.scale, [g["lr_scale"] for g in opt.param_groups]))
+
             return [CB()]
 
     m = _model()
@@ -167,8 +175,14 @@ def test_custom_strategy_param_groups_and_callbacks_are_used():
 
 def test_best_val_selection_keeps_a_trained_epoch():
     d = _data()
-    res = finetune(_model(), d, strategy="full", val_data=_data(seed=1), select="best_val",
-                   **{**KW, "epochs": 2})
+    res = finetune(
+        _model(),
+        d,
+        strategy="full",
+        val_data=_data(seed=1),
+        select="best_val",
+        **{**KW, "epochs": 2},
+    )
     assert res.info["selected_epochs"][0] in (0, 1)
 
 
@@ -183,9 +197,19 @@ def test_linear_probe_on_real_architectures_replaces_and_trains_only_the_head(na
     except NeuralignError as exc:  # an architecture this timm version lacks
         pytest.skip(str(exc))
     g = torch.Generator().manual_seed(0)
-    d = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g))
-    res = finetune(m, d, strategy="linear_probe", epochs=1, lr=0.05, batch_size=4, num_classes=4,
-                   progress=False)
+    d = TensorDataset(
+        torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
+    )
+    res = finetune(
+        m,
+        d,
+        strategy="linear_probe",
+        epochs=1,
+        lr=0.05,
+        batch_size=4,
+        num_classes=4,
+        progress=False,
+    )
     head = get_head_name(res.model)
     assert res.model.get_submodule(head).out_features == 4
     start = finetune(m, d, strategy="full", epochs=0, num_classes=4, progress=False).model

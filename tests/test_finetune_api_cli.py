@@ -35,9 +35,28 @@ def test_sherpa_from_the_command_line_with_a_soup_and_options(tmp_path):
         save_model(get_model("cnn", num_classes=10, in_channels=1, image_size=8, width=4), p)
         paths.append(str(p))
     out = tmp_path / "ft.safetensors"
-    args = ["finetune", paths[0], "--strategy", "sherpa", "--anchor", paths[1], "--anchor", paths[2],
-            "--data", "digits", "--epochs", "1", "--lr", "0.05", "-o", "head=anchor",
-            "-o", "align_batches=2", "--out", str(out)]
+    args = [
+        "finetune",
+        paths[0],
+        "--strategy",
+        "sherpa",
+        "--anchor",
+        paths[1],
+        "--anchor",
+        paths[2],
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.05",
+        "-o",
+        "head=anchor",
+        "-o",
+        "align_batches=2",
+        "--out",
+        str(out),
+    ]
     r = CliRunner().invoke(app, args, terminal_width=200)
     assert r.exit_code == 0, r.output
     assert "accuracy" in r.output and "head" in r.output
@@ -46,7 +65,9 @@ def test_sherpa_from_the_command_line_with_a_soup_and_options(tmp_path):
 
 
 def test_bad_option_is_a_one_line_error():
-    r = CliRunner().invoke(app, ["finetune", "cnn", "--data", "digits", "-s", "wise_ft",
-                                 "-o", "bogus=1", "--epochs", "1"])
+    r = CliRunner().invoke(
+        app,
+        ["finetune", "cnn", "--data", "digits", "-s", "wise_ft", "-o", "bogus=1", "--epochs", "1"],
+    )
     assert r.exit_code != 0
     assert "bogus" in str(r.exception) or "bogus" in r.output

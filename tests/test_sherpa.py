@@ -32,8 +32,9 @@ def _one_thread():
 
 def _data(n=48, classes=3, seed=0, size=8, ch=1):
     g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, ch, size, size, generator=g),
-                         torch.randint(0, classes, (n,), generator=g))
+    return TensorDataset(
+        torch.randn(n, ch, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+    )
 
 
 def _model(num_classes=3, seed=0):
@@ -57,9 +58,13 @@ def test_stage1_is_function_preserving_and_moves_units():
     assert sum(perm.moved().values()) > 0
     assert set(res.info["kendall_tau"]) == set(perm)
     # head="new" (the paper): the same fresh head as ERM's, on permuted features
-    new = finetune(m, d, strategy="sherpa", anchor=a, head="new", epochs=0, num_classes=3, **KW).model
+    new = finetune(
+        m, d, strategy="sherpa", anchor=a, head="new", epochs=0, num_classes=3, **KW
+    ).model
     torch.testing.assert_close(new.classifier.weight, ref.classifier.weight)
-    torch.testing.assert_close(new.state_dict()["block1.0.0.weight"], res.model.state_dict()["block1.0.0.weight"])
+    torch.testing.assert_close(
+        new.state_dict()["block1.0.0.weight"], res.model.state_dict()["block1.0.0.weight"]
+    )
     assert not torch.allclose(_out(new, x), _out(ref, x))
 
 
@@ -80,10 +85,13 @@ def test_head_anchor_transplants_the_anchor_head_and_lam_interpolates():
     r = finetune(m, d, strategy="sherpa", anchor=a, head="anchor", epochs=0, **KW)
     torch.testing.assert_close(r.model.get_submodule(head).weight, a.get_submodule(head).weight)
     start = r.info["aligned_start"]
-    r2 = finetune(m, d, strategy="sherpa", anchor=a, head="anchor", lam=0.5, reset_bn=False,
-                  epochs=0, **KW)
+    r2 = finetune(
+        m, d, strategy="sherpa", anchor=a, head="anchor", lam=0.5, reset_bn=False, epochs=0, **KW
+    )
     k = "block2.1.0.weight"
-    torch.testing.assert_close(r2.model.state_dict()[k], 0.5 * (start.state_dict()[k] + a.state_dict()[k]))
+    torch.testing.assert_close(
+        r2.model.state_dict()[k], 0.5 * (start.state_dict()[k] + a.state_dict()[k])
+    )
     bad = _model(num_classes=4, seed=2)
     with pytest.raises(NeuralignError, match="head='anchor' needs an anchor"):
         finetune(m, d, strategy="sherpa", anchor=bad, head="anchor", epochs=0, **KW)
@@ -119,7 +127,9 @@ def test_random_perm_differs_by_seed_and_preserves_function():
     r1 = finetune(m, d, strategy="random_perm", perm_seed=1, epochs=0, **KW).model
     x = d.tensors[0][:8]
     torch.testing.assert_close(_out(r0, x), _out(m, x), atol=1e-5, rtol=1e-5)
-    assert not torch.equal(r0.state_dict()["block1.0.0.weight"], r1.state_dict()["block1.0.0.weight"])
+    assert not torch.equal(
+        r0.state_dict()["block1.0.0.weight"], r1.state_dict()["block1.0.0.weight"]
+    )
 
 
 def test_kendall_tau_distance_and_block_selection_rule():
@@ -154,8 +164,17 @@ def test_stage1_on_a_torchvision_resnet():
     torch.manual_seed(1)
     a = tv.models.resnet18(num_classes=4)
     d = _data(n=16, classes=4, size=32, ch=3)
-    res = finetune(m, d, strategy="sherpa", anchor=a, head="keep", epochs=0, num_classes=4,
-                   align_batches=1, **KW)
+    res = finetune(
+        m,
+        d,
+        strategy="sherpa",
+        anchor=a,
+        head="keep",
+        epochs=0,
+        num_classes=4,
+        align_batches=1,
+        **KW,
+    )
     ref = finetune(m, d, strategy="full", epochs=0, num_classes=4, **KW).model
     x = d.tensors[0][:4]
     torch.testing.assert_close(_out(res.model, x), _out(ref, x), atol=1e-4, rtol=1e-4)

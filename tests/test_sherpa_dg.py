@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 from neuralign.data.rotated import leave_one_domain_out, rotate, rotated_domains
 from neuralign.errors import DataError
@@ -28,7 +27,9 @@ def _one_thread():
 
 def test_rotate_matches_exact_quarter_turns_and_per_image_angles():
     x = torch.randn(3, 2, 6, 6)
-    torch.testing.assert_close(rotate(x, 90, fill=0.0), torch.rot90(x, -1, (2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        rotate(x, 90, fill=0.0), torch.rot90(x, -1, (2, 3)), atol=1e-5, rtol=0
+    )
     r = rotate(x, torch.tensor([0.0, 90.0, 180.0]), fill=0.0)
     torch.testing.assert_close(r[0], x[0])
     torch.testing.assert_close(r[2], torch.rot90(x[2], 2, (1, 2)), atol=1e-5, rtol=0)
@@ -74,12 +75,36 @@ def test_benchmark_domainbed_path_runs_with_torchvision_resnet50(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "res" / "sherpa_dg_tiny"
-    result = bench.main([
-        "--data", str(tmp_path / "data"), "--arch", "torchvision:resnet50", "--image-size", "32",
-        "--targets", "sketch", "--seeds", "1", "--epochs", "1", "--batch-size", "8",
-        "--methods", "erm,sh_anc_a1", "--n-anchors", "1", "--align-batches", "1",
-        "--analysis-target", "none", "--threads", "1", "--out", str(out),
-    ])
+    result = bench.main(
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--arch",
+            "torchvision:resnet50",
+            "--image-size",
+            "32",
+            "--targets",
+            "sketch",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--methods",
+            "erm,sh_anc_a1",
+            "--n-anchors",
+            "1",
+            "--align-batches",
+            "1",
+            "--analysis-target",
+            "none",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert result["domains"] == ["art", "photo", "sketch"]
     for key in ("erm", "sh_anc_a1", "anchor_a1"):
         accs = result["results"][key]["sketch"][0]

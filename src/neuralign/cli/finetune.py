@@ -37,21 +37,35 @@ def _split_list(values: list[str] | None) -> list[str] | None:
 def register(app: typer.Typer) -> None:
     @app.command("finetune")
     def finetune_cmd(
-        model: str = typer.Argument(None, help="a .safetensors checkpoint, or a model name "
-                                    "(cnn, resnet20, torchvision:resnet50, timm:<name>, ...)"),
-        strategy: str = typer.Option("full", "--strategy", "-s",
-                                     help="a registered strategy (see --list-strategies)"),
-        anchor: list[str] = typer.Option(None, "--anchor", help="anchor checkpoint(s) for "
-                                         "sherpa; repeat for a weight-averaged soup"),
-        option: list[str] = typer.Option(None, "--option", "-o",
-                                         help="strategy option key=value (repeatable)"),
-        data: str = typer.Option("digits", help="digits, fashion_mnist, mnist1d, "
-                                 "rotated_fashion_mnist, or a DomainBed-layout folder"),
-        source_domains: list[str] = typer.Option(None, "--source-domains",
-                                                 help="source domains (comma-separated or "
-                                                 "repeated); default: all but the target"),
-        target_domain: str = typer.Option(None, "--target-domain", help="held-out domain "
-                                          "(domain data); e.g. rot45 or sketch"),
+        model: str = typer.Argument(
+            None,
+            help="a .safetensors checkpoint, or a model name "
+            "(cnn, resnet20, torchvision:resnet50, timm:<name>, ...)",
+        ),
+        strategy: str = typer.Option(
+            "full", "--strategy", "-s", help="a registered strategy (see --list-strategies)"
+        ),
+        anchor: list[str] = typer.Option(
+            None,
+            "--anchor",
+            help="anchor checkpoint(s) for sherpa; repeat for a weight-averaged soup",
+        ),
+        option: list[str] = typer.Option(
+            None, "--option", "-o", help="strategy option key=value (repeatable)"
+        ),
+        data: str = typer.Option(
+            "digits",
+            help="digits, fashion_mnist, mnist1d, "
+            "rotated_fashion_mnist, or a DomainBed-layout folder",
+        ),
+        source_domains: list[str] = typer.Option(
+            None,
+            "--source-domains",
+            help="source domains (comma-separated or repeated); default: all but the target",
+        ),
+        target_domain: str = typer.Option(
+            None, "--target-domain", help="held-out domain (domain data); e.g. rot45 or sketch"
+        ),
         classes: str = typer.Option(None, help="rotated_fashion_mnist: class ids, e.g. 0,1,2,3,4"),
         per_domain: int = typer.Option(None, help="rotated_fashion_mnist: images per domain"),
         epochs: int = typer.Option(5),
@@ -61,28 +75,36 @@ def register(app: typer.Typer) -> None:
         momentum: float = typer.Option(0.9),
         weight_decay: float = typer.Option(0.0),
         schedule: str = typer.Option("cosine", help="cosine, step, linear or constant"),
-        select: str = typer.Option("best_val", help="best_val (training-domain validation) "
-                                   "or last"),
+        select: str = typer.Option(
+            "best_val", help="best_val (training-domain validation) or last"
+        ),
         seed: int = typer.Option(0),
         weights: str = typer.Option(None, help="local pre-trained weights for a model name"),
-        model_option: list[str] = typer.Option(None, "--model-option", "-m",
-                                               help="model argument key=value, e.g. width=8"),
+        model_option: list[str] = typer.Option(
+            None, "--model-option", "-m", help="model argument key=value, e.g. width=8"
+        ),
         image_size: int = typer.Option(224, help="image size for folder data"),
         data_root: str = typer.Option(None, help="folder of Fashion-MNIST files"),
         subset: int = typer.Option(None, help="class-balanced training subset (plain data)"),
         device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: where the model is)"),
         out: str = typer.Option(None, help="where to write the fine-tuned .safetensors"),
-        list_strategies: bool = typer.Option(False, "--list-strategies",
-                                             help="list the strategies and their options"),
+        list_strategies: bool = typer.Option(
+            False, "--list-strategies", help="list the strategies and their options"
+        ),
     ) -> None:
         """Fine-tune MODEL with a strategy; report in-distribution and OOD accuracy."""
         from neuralign.finetune import finetune, list_strategies as names
         from neuralign.finetune.api import _REGISTRY
 
         if list_strategies:
-            rows = [[n, _REGISTRY[n].summary or (_REGISTRY[n].__doc__ or "").strip().split("\n")[0],
-                     ", ".join(f"{k}={v!r}" for k, v in _REGISTRY[n].defaults.items())]
-                    for n in names()]
+            rows = [
+                [
+                    n,
+                    _REGISTRY[n].summary or (_REGISTRY[n].__doc__ or "").strip().split("\n")[0],
+                    ", ".join(f"{k}={v!r}" for k, v in _REGISTRY[n].defaults.items()),
+                ]
+                for n in names()
+            ]
             console.print(table("fine-tuning strategies", ["name", "what", "options"], rows))
             return
         if model is None:
@@ -96,9 +118,16 @@ def register(app: typer.Typer) -> None:
         if target_domain is not None:
             from neuralign.data.rotated import domain_splits
 
-            ds = domain_splits(data, target_domain, source_domains=_split_list(source_domains),
-                               seed=seed, per_domain=per_domain, classes=cls_ids,
-                               image_size=image_size, root=data_root)
+            ds = domain_splits(
+                data,
+                target_domain,
+                source_domains=_split_list(source_domains),
+                seed=seed,
+                per_domain=per_domain,
+                classes=cls_ids,
+                image_size=image_size,
+                root=data_root,
+            )
             train_set, val_set, ood_set, num_classes = ds.train, ds.val, ds.test, ds.num_classes
             x0 = train_set[0][0]
             title = f"{strategy} on {data}: {', '.join(ds.source_domains)} -> {ds.test_domain}"
@@ -116,26 +145,60 @@ def register(app: typer.Typer) -> None:
         if x0.dim() == 3:
             data_kw["image_size"] = int(x0.shape[-1])
         net = _load_model(model, weights, parse_options(model_option), data_kw)
-        res = finetune(net, train_set, strategy=strategy, epochs=epochs, lr=lr,
-                       num_classes=num_classes, val_data=val_set, seed=seed, device=device,
-                       progress=True, batch_size=batch_size, optimizer=optimizer,
-                       momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-                       select=select, **options)
+        res = finetune(
+            net,
+            train_set,
+            strategy=strategy,
+            epochs=epochs,
+            lr=lr,
+            num_classes=num_classes,
+            val_data=val_set,
+            seed=seed,
+            device=device,
+            progress=True,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            select=select,
+            **options,
+        )
         ev_id = evaluate(res.model, val_set, device=device)
         ev_ood = evaluate(res.model, ood_set, device=device)
-        rows = [[id_name, ev_id["loss"], ev_id["accuracy"]], [ood_name, ev_ood["loss"], ev_ood["accuracy"]]]
+        rows = [
+            [id_name, ev_id["loss"], ev_id["accuracy"]],
+            [ood_name, ev_ood["loss"], ev_ood["accuracy"]],
+        ]
         console.print(table(title, ["split", "loss", "accuracy"], rows))
         scalar = (int, float, str, bool)
-        simple = {k: v for k, v in res.info.items() if k != "options" and (
-            isinstance(v, scalar) or (isinstance(v, list) and len(v) < 20
-                                      and all(isinstance(e, scalar) for e in v)))}
+        simple = {
+            k: v
+            for k, v in res.info.items()
+            if k != "options"
+            and (
+                isinstance(v, scalar)
+                or (isinstance(v, list) and len(v) < 20 and all(isinstance(e, scalar) for e in v))
+            )
+        }
         if simple:
             console.print(simple, highlight=False)
         if out:
-            _save(res.model, out, {"strategy": strategy, "options": res.info.get("options"),
-                                   "data": data, "target_domain": target_domain, "seed": seed,
-                                   "epochs": epochs, "lr": lr, "id_accuracy": ev_id["accuracy"],
-                                   "ood_accuracy": ev_ood["accuracy"]})
+            _save(
+                res.model,
+                out,
+                {
+                    "strategy": strategy,
+                    "options": res.info.get("options"),
+                    "data": data,
+                    "target_domain": target_domain,
+                    "seed": seed,
+                    "epochs": epochs,
+                    "lr": lr,
+                    "id_accuracy": ev_id["accuracy"],
+                    "ood_accuracy": ev_ood["accuracy"],
+                },
+            )
 
 
 def _save(model, out: str, metadata: dict) -> None:

@@ -18,15 +18,23 @@ from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 from neuralign.data.domainbed import DomainSplits
 from neuralign.errors import DataError
 
-__all__ = ["rotate", "rotated_domains", "leave_one_domain_out", "domain_name", "rotated_fashion_mnist",
-           "domain_splits"]
+__all__ = [
+    "rotate",
+    "rotated_domains",
+    "leave_one_domain_out",
+    "domain_name",
+    "rotated_fashion_mnist",
+    "domain_splits",
+]
 
 
 def domain_name(angle: float) -> str:
     return f"rot{int(angle) if float(angle).is_integer() else angle}"
 
 
-def rotate(images: torch.Tensor, angle: float | torch.Tensor, fill: float | None = None) -> torch.Tensor:
+def rotate(
+    images: torch.Tensor, angle: float | torch.Tensor, fill: float | None = None
+) -> torch.Tensor:
     """Rotate a batch ``(N, C, H, W)`` clockwise (as displayed) by ``angle`` degrees (bilinear);
     ``angle`` is one number or one per image (shape ``(N,)``). The uncovered corners get ``fill``
     (default: the batch minimum, the background of standardised Fashion-MNIST / MNIST).
@@ -45,7 +53,9 @@ def rotate(images: torch.Tensor, angle: float | torch.Tensor, fill: float | None
     zero = torch.zeros_like(c)
     theta = torch.stack([torch.stack([c, s, zero], 1), torch.stack([-s, c, zero], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    out = F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(
+        images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     return out + fill
 
 
@@ -67,7 +77,9 @@ def rotated_domains(
     n = images.shape[0]
     per = n // len(angles) if per_domain is None else int(per_domain)
     if per < 1 or per * len(angles) > n:
-        raise DataError(f"cannot take {per} images for each of {len(angles)} domains from {n} images")
+        raise DataError(
+            f"cannot take {per} images for each of {len(angles)} domains from {n} images"
+        )
     fill = float(images.amin()) if fill is None else float(fill)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     out = {}
@@ -93,7 +105,9 @@ def leave_one_domain_out(
     sources = list(source_domains) if source_domains else [d for d in domains if d != test_domain]
     for d in sources:
         if d not in domains or d == test_domain:
-            raise DataError(f"bad source domain {d!r}; domains: {list(domains)}, test: {test_domain}")
+            raise DataError(
+                f"bad source domain {d!r}; domains: {list(domains)}, test: {test_domain}"
+            )
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     gen = torch.Generator().manual_seed(seed)
@@ -106,10 +120,20 @@ def leave_one_domain_out(
         train_parts.append(Subset(ds, perm[n_val:]))
     if classes is None:
         first = domains[test_domain]
-        ys = first.tensors[1] if isinstance(first, TensorDataset) else torch.tensor([y for _, y in first])
+        ys = (
+            first.tensors[1]
+            if isinstance(first, TensorDataset)
+            else torch.tensor([y for _, y in first])
+        )
         classes = [str(c) for c in range(int(ys.max()) + 1)]
-    return DomainSplits(ConcatDataset(train_parts), ConcatDataset(val_parts), domains[test_domain],
-                        list(classes), sources, test_domain)
+    return DomainSplits(
+        ConcatDataset(train_parts),
+        ConcatDataset(val_parts),
+        domains[test_domain],
+        list(classes),
+        sources,
+        test_domain,
+    )
 
 
 def rotated_fashion_mnist(
@@ -126,7 +150,13 @@ def rotated_fashion_mnist(
     from neuralign.data.core import FASHION_MEAN, FASHION_STD, load_fashion_mnist_arrays
 
     arr = load_fashion_mnist_arrays(root)
-    x = torch.from_numpy(arr[f"{split}_images"].copy()).float().div(255.0).sub(FASHION_MEAN).div(FASHION_STD)
+    x = (
+        torch.from_numpy(arr[f"{split}_images"].copy())
+        .float()
+        .div(255.0)
+        .sub(FASHION_MEAN)
+        .div(FASHION_STD)
+    )
     y = torch.from_numpy(arr[f"{split}_labels"].copy()).long()
     if classes is not None:
         cls = torch.tensor(list(classes), dtype=torch.long)
@@ -157,10 +187,19 @@ def domain_splits(
 
     if data == "rotated_fashion_mnist":
         doms = rotated_fashion_mnist(classes=classes, per_domain=per_domain, seed=seed, root=root)
-        return leave_one_domain_out(doms, test_domain, source_domains=source_domains,
-                                    val_fraction=val_fraction, seed=seed)
+        return leave_one_domain_out(
+            doms, test_domain, source_domains=source_domains, val_fraction=val_fraction, seed=seed
+        )
     if Path(data).is_dir():
-        return load_domains(data, test_domain, source_domains=list(source_domains) if source_domains else None,
-                            image_size=image_size, val_fraction=val_fraction, seed=seed)
-    raise DataError(f"domain data {data!r} is neither 'rotated_fashion_mnist' nor a folder in "
-                    "DomainBed layout (root/<domain>/<class>/<image>)")
+        return load_domains(
+            data,
+            test_domain,
+            source_domains=list(source_domains) if source_domains else None,
+            image_size=image_size,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
+    raise DataError(
+        f"domain data {data!r} is neither 'rotated_fashion_mnist' nor a folder in "
+        "DomainBed layout (root/<domain>/<class>/<image>)"
+    )

@@ -155,7 +155,9 @@ class Strategy:
         """Train-loop callbacks (see ``neuralign.train``)."""
         return []
 
-    def fit(self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext) -> tuple[nn.Module, Any]:
+    def fit(
+        self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext
+    ) -> tuple[nn.Module, Any]:
         """Train; returns ``(model, history)``. The default is one ``ctx.train`` run."""
         history = ctx.train(
             model,
@@ -178,7 +180,9 @@ def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
             raise TypeError(f"@register_strategy({name!r}) needs a Strategy subclass, got {cls!r}")
         old = _REGISTRY.get(name)
         if old is not None and old.__qualname__ != cls.__qualname__:
-            raise NeuralignError(f"strategy name {name!r} is already registered by {old.__qualname__}")
+            raise NeuralignError(
+                f"strategy name {name!r} is already registered by {old.__qualname__}"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -211,7 +215,9 @@ def get_strategy(name: str | Strategy, **options: Any) -> Strategy:
 # --------------------------------------------------------------------------- helpers
 
 
-def as_loader(data: Any, *, batch_size: int = 32, shuffle: bool = False, seed: int = 0) -> DataLoader:
+def as_loader(
+    data: Any, *, batch_size: int = 32, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
     """A deterministic DataLoader from a dataset (a loader is returned unchanged)."""
     from neuralign.train import as_loader as _train_as_loader
 
@@ -257,7 +263,9 @@ class _BestVal:
     def __init__(self) -> None:
         self.best_acc, self.best_epoch, self.best_state = -1.0, -1, None
 
-    def on_epoch_end(self, model: nn.Module, optimizer: Any, epoch: int, metrics: Any = None) -> None:
+    def on_epoch_end(
+        self, model: nn.Module, optimizer: Any, epoch: int, metrics: Any = None
+    ) -> None:
         acc = float((metrics or {}).get("val_accuracy", float("nan")))
         if acc > self.best_acc:
             self.best_acc, self.best_epoch = acc, epoch
@@ -271,7 +279,9 @@ def _freeze_bn_stats(model: nn.Module) -> list[Any]:
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             params = list(mod.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
-                handles.append(mod.register_forward_pre_hook(lambda m, _: setattr(m, "training", False)))
+                handles.append(
+                    mod.register_forward_pre_hook(lambda m, _: setattr(m, "training", False))
+                )
     return handles
 
 
@@ -378,7 +388,9 @@ def finetune(
     strat = get_strategy(strategy, **options)
     loader = as_loader(train_data, batch_size=batch_size, shuffle=True, seed=seed)
     val_loader = None if val_data is None else as_loader(val_data, batch_size=max(batch_size, 256))
-    train_kwargs = dict(optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule)
+    train_kwargs = dict(
+        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule
+    )
     train_kwargs.update(train_options or {})
     ctx = FinetuneContext(
         seed=seed,

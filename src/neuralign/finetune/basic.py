@@ -57,7 +57,9 @@ def interpolate_state(
     for k, vb in b.items():
         va = a[k]
         if va.shape != vb.shape:
-            raise NeuralignError(f"cannot interpolate {k!r}: shapes {tuple(va.shape)} vs {tuple(vb.shape)}")
+            raise NeuralignError(
+                f"cannot interpolate {k!r}: shapes {tuple(va.shape)} vs {tuple(vb.shape)}"
+            )
         out[k] = torch.lerp(va.to(vb.dtype), vb, alpha) if vb.is_floating_point() else vb.clone()
     return out
 
@@ -105,12 +107,16 @@ class LPFT(Strategy):
     summary = "linear probe (lp_epochs, lp_lr) then full fine-tuning"
     defaults = {"lp_epochs": None, "lp_lr": None}
 
-    def fit(self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext) -> tuple[nn.Module, Any]:
+    def fit(
+        self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext
+    ) -> tuple[nn.Module, Any]:
         lp_epochs = self.options["lp_epochs"]
         lp_epochs = max(1, ctx.epochs // 3) if lp_epochs is None else int(lp_epochs)
         lp_lr = self.options["lp_lr"]
         lp_lr = 10 * ctx.lr if lp_lr is None else float(lp_lr)
-        h_lp = ctx.train(model, loader, epochs=lp_epochs, lr=lp_lr, param_groups=[{"params": head_params(model)}])
+        h_lp = ctx.train(
+            model, loader, epochs=lp_epochs, lr=lp_lr, param_groups=[{"params": head_params(model)}]
+        )
         h_ft = ctx.train(model, loader)
         self.info.update(lp_epochs=lp_epochs, lp_lr=lp_lr)
         return model, {"lp": h_lp, "ft": h_ft}
@@ -129,7 +135,9 @@ class WiseFT(Strategy):
     summary = "weight interpolation between the start and the fine-tuned model (alpha)"
     defaults = {"alpha": 0.5, "lp_epochs": 0, "lp_lr": None}
 
-    def fit(self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext) -> tuple[nn.Module, Any]:
+    def fit(
+        self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext
+    ) -> tuple[nn.Module, Any]:
         alpha = float(self.options["alpha"])
         if not 0.0 <= alpha <= 1.0:
             raise NeuralignError(f"wise_ft: alpha must lie in [0, 1], got {alpha}")
@@ -137,8 +145,13 @@ class WiseFT(Strategy):
         if int(self.options["lp_epochs"]) > 0:
             lp_lr = self.options["lp_lr"]
             lp_lr = 10 * ctx.lr if lp_lr is None else float(lp_lr)
-            h_lp = ctx.train(model, loader, epochs=int(self.options["lp_epochs"]), lr=lp_lr,
-                             param_groups=[{"params": head_params(model)}])
+            h_lp = ctx.train(
+                model,
+                loader,
+                epochs=int(self.options["lp_epochs"]),
+                lr=lp_lr,
+                param_groups=[{"params": head_params(model)}],
+            )
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history = ctx.train(model, loader)
         tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -170,7 +183,9 @@ class Ensemble(Strategy):
     summary = "output ensemble of m fine-tuned models (member strategy, m seeds)"
     defaults = {"m": 6, "member": "full", "member_options": None, "members": None}
 
-    def fit(self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext) -> tuple[nn.Module, Any]:
+    def fit(
+        self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext
+    ) -> tuple[nn.Module, Any]:
         from neuralign.finetune.api import finetune
 
         given = self.options["members"]

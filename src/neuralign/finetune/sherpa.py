@@ -61,7 +61,9 @@ def _load(anchor: Any) -> nn.Module:
         from neuralign.io import load_model
 
         return load_model(anchor)
-    raise NeuralignError(f"an anchor must be a model or a checkpoint path, got {type(anchor).__name__}")
+    raise NeuralignError(
+        f"an anchor must be a model or a checkpoint path, got {type(anchor).__name__}"
+    )
 
 
 def soup(models: Sequence[nn.Module]) -> nn.Module:
@@ -74,8 +76,14 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
     for i, sd in enumerate(sds[1:], 1):
         if set(sd) != set(ref) or any(sd[k].shape != ref[k].shape for k in ref):
             raise ArchitectureMismatchError(f"anchor {i} does not share anchor 0's architecture")
-    out = {k: (torch.stack([sd[k].float() for sd in sds]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone())
-           for k, v in ref.items()}
+    out = {
+        k: (
+            torch.stack([sd[k].float() for sd in sds]).mean(0).to(v.dtype)
+            if v.is_floating_point()
+            else v.clone()
+        )
+        for k, v in ref.items()
+    }
     model = copy.deepcopy(models[0])
     model.load_state_dict(out)
     return model
@@ -103,7 +111,9 @@ def _group_block(group: Any, blocks: list[str]) -> str | None:
     return max(owners, key=len) if owners else None
 
 
-def block_kendall_tau(perm: Mapping[str, torch.Tensor], spec: Any, blocks: list[str]) -> dict[str, float]:
+def block_kendall_tau(
+    perm: Mapping[str, torch.Tensor], spec: Any, blocks: list[str]
+) -> dict[str, float]:
     """Mean Kendall-tau distance of the groups each block produces (blocks with no group omitted)."""
     taus = permutation_kendall_tau(perm)
     acc: dict[str, list[float]] = {}
@@ -185,7 +195,9 @@ def align_to_anchor(
 
         perm = weight_matching(spec, anchor.state_dict(), model.state_dict(), seed=seed)
     else:
-        raise NeuralignError(f"matching must be 'activation', 'weight' or a callable, got {matching!r}")
+        raise NeuralignError(
+            f"matching must be 'activation', 'weight' or a callable, got {matching!r}"
+        )
     return apply_permutation(model, perm, spec), perm, spec
 
 
@@ -217,8 +229,10 @@ class Sherpa(Strategy):
     def _anchor(self, ctx: FinetuneContext, model: nn.Module) -> nn.Module:
         anchor = self.options["anchor"]
         if anchor is None:
-            raise NeuralignError(f"strategy {self.name!r} needs anchor= (a fine-tuned model, a "
-                                 "checkpoint path, or a list of them for a soup)")
+            raise NeuralignError(
+                f"strategy {self.name!r} needs anchor= (a fine-tuned model, a "
+                "checkpoint path, or a list of them for a soup)"
+            )
         anchor = soup(anchor) if isinstance(anchor, (list, tuple)) else copy.deepcopy(_load(anchor))
         _, a_head = head_module(anchor)
         _, m_head = head_module(model)
@@ -226,16 +240,24 @@ class Sherpa(Strategy):
             if self.options["head"] == "anchor":
                 raise ArchitectureMismatchError(
                     f"head='anchor' needs an anchor fine-tuned on the same {m_head.out_features} "
-                    f"classes; its head has {a_head.out_features} outputs")
+                    f"classes; its head has {a_head.out_features} outputs"
+                )
             from neuralign.models import replace_head
 
             anchor = replace_head(anchor, m_head.out_features, seed=ctx.seed)  # unused by matching
         return anchor.to(next(model.parameters()).device)
 
-    def _permute(self, model: nn.Module, anchor: nn.Module, align_loader: DataLoader,
-                 ctx: FinetuneContext) -> tuple[nn.Module, Any, Any]:
-        return align_to_anchor(model, anchor, align_loader, matching=self.options["matching"],
-                               method=self.options["method"], seed=ctx.seed)
+    def _permute(
+        self, model: nn.Module, anchor: nn.Module, align_loader: DataLoader, ctx: FinetuneContext
+    ) -> tuple[nn.Module, Any, Any]:
+        return align_to_anchor(
+            model,
+            anchor,
+            align_loader,
+            matching=self.options["matching"],
+            method=self.options["method"],
+            seed=ctx.seed,
+        )
 
     def prepare(self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext) -> nn.Module:
         head = self.options["head"]
@@ -257,7 +279,9 @@ class Sherpa(Strategy):
         if lam > 0 and anchor is not None:
             from neuralign.finetune.basic import interpolate_state
 
-            aligned.load_state_dict(interpolate_state(aligned.state_dict(), anchor.state_dict(), lam))
+            aligned.load_state_dict(
+                interpolate_state(aligned.state_dict(), anchor.state_dict(), lam)
+            )
             if self.options["reset_bn"] and any(
                 isinstance(m, nn.modules.batchnorm._BatchNorm) for m in aligned.modules()
             ):
@@ -310,9 +334,18 @@ class RandomPerm(Sherpa):
     run's seed) instead of alignment, then ERM fine-tuning."""
 
     summary = "random permutation of the hidden units, then fine-tune (SHERPA's control)"
-    defaults = {"perm_seed": None, "select": False, "select_z": 2.0, "align_batches": 1,
-                "head": "new", "lam": 0.0, "anchor": None, "matching": "random", "method": "corr",
-                "reset_bn": False}
+    defaults = {
+        "perm_seed": None,
+        "select": False,
+        "select_z": 2.0,
+        "align_batches": 1,
+        "head": "new",
+        "lam": 0.0,
+        "anchor": None,
+        "matching": "random",
+        "method": "corr",
+        "reset_bn": False,
+    }
 
     def _needs_anchor(self) -> bool:
         return False
