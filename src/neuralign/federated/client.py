@@ -126,7 +126,7 @@ def make_client_app():
         model = model_from_arrays(task, msg.content["arrays"])
         loader = task.client_loader(pid, int(config.get("server-round", 0)))
         local, metrics = local_train(model, loader, task, config)
-        metrics.update({"num-examples": len(loader.dataset), "partition-id": pid})
+        metrics["num-examples"] = len(loader.dataset)
         content = RecordDict({"arrays": ArrayRecord(local.state_dict()),
                               "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)

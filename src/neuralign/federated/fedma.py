@@ -255,6 +255,7 @@ def run_fedma(grid, task, model, cfg: FedMAConfig, rounds: int, train_config, ev
     hist["failures"] = {str(k): v for k, v in rep.failures.items()}
     hist["participants"] = {str(k): v for k, v in rep.participants.items()}
     hist["global_widths"] = {n: int(global_sd[f"{n}.weight"].shape[0]) for n in layers}
+    hist["_final_arrays"] = ArrayRecord(global_sd)
     if math.isnan(hist["accuracy"][-1]):  # the last pass is incomplete: report the last global
         done = [a for a in hist["accuracy"] if not math.isnan(a)]
         hist["accuracy"][-1] = done[-1]

@@ -3,7 +3,8 @@
 Run config keys read by the ServerApp (besides the ``task.*`` keys of :class:`FedTask`):
 ``strategy`` (fedavg | fedprox | fedpfn | fedpnu | fedma), ``num-rounds``, ``fraction``,
 ``min-clients``, ``proximal-mu``, ``anchor-ratio``, ``anchor-seed``, ``round-timeout``
-(seconds a round waits for replies), and FedMA's ``fedma-threshold`` / ``fedma-max-growth``.
+(seconds a round waits for replies), ``save-model`` (a .safetensors path for the final global
+model), and FedMA's ``fedma-threshold`` / ``fedma-max-growth``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def run_server(grid, run_config: dict) -> dict:
                                 evaluate_fn=evaluate_fn)
         ev = result.evaluate_metrics_serverapp
         hist = {
+            "_final_arrays": result.arrays,
             "round": sorted(ev),
             "accuracy": [float(ev[r]["accuracy"]) for r in sorted(ev)],
             "loss": [float(ev[r]["loss"]) for r in sorted(ev)],
@@ -80,6 +82,16 @@ def run_server(grid, run_config: dict) -> dict:
     accs = [a for a in hist["accuracy"][1:] if not math.isnan(a)]
     hist["final_accuracy"] = hist["accuracy"][-1]
     hist["best_accuracy"] = max(accs) if accs else float("nan")
+    save = str(run_config.get("save-model", ""))
+    if save:
+        from neuralign.federated.client import model_from_arrays
+        from neuralign.io import save_model
+
+        final = hist.pop("_final_arrays", None)
+        if final is not None:
+            save_model(model_from_arrays(task, final), save,
+                       metadata={"federated": {k: v for k, v in hist.items() if k != "task"}})
+    hist.pop("_final_arrays", None)
     LAST_RESULT.clear()
     LAST_RESULT.update(hist)
     if task.output:

@@ -32,6 +32,21 @@ def _flower():
 fs = _flower()
 
 
+def _drop_evaluate_notice(record) -> bool:
+    # Federated (client-side) evaluation is off by design: the server evaluates centrally.
+    return "fraction_evaluate is set to 0.0" not in str(record.msg)
+
+
+def _install_log_filter() -> None:
+    from flwr.supercore.logger import FLOWER_LOGGER
+
+    if _drop_evaluate_notice not in FLOWER_LOGGER.filters:
+        FLOWER_LOGGER.addFilter(_drop_evaluate_notice)
+
+
+_install_log_filter()
+
+
 class _Reporting:
     """Mixin: remember which clients failed (error reply) or never answered, per round."""
 

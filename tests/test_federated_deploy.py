@@ -1,0 +1,162 @@
+"""End-to-end test of Flower's deployment engine: a SuperLink and two SuperNodes as separate
+processes on 127.0.0.1, two rounds of FedPFN submitted with ``flwr run``; every process (and
+the SuperExec / ServerApp / ClientApp processes they spawn) is torn down afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr", reason="Flower is not installed (pip install 'neuralign[fl]')")
+psutil = pytest.importorskip("psutil", reason="psutil is needed to tear the process tree down")
+
+BIN = Path(sys.executable).parent
+SRC = Path(__file__).resolve().parents[1] / "src"
+DEADLINE_S = 420  # the whole federation, bounded (minutes on a loaded 2-core machine)
+
+PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "neuralign-fl-test"
+version = "1.0.0"
+description = "neuralign deployment-engine test app"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "neuralign"
+
+[tool.flwr.app.components]
+serverapp = "neuralign.federated.app:server_app"
+clientapp = "neuralign.federated.app:client_app"
+
+[tool.flwr.app.config]
+strategy = "fedpfn"
+num-rounds = 2
+anchor-ratio = 0.4
+"task.dataset" = "digits"
+"task.num-partitions" = 2
+"task.alpha" = 1.0
+"task.model" = "mlp"
+"task.model-kwargs" = '{{"width": 32, "depth": 1}}'
+"task.lr" = 0.1
+"task.output" = "{output}"
+"""
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_port(port, proc, deadline):
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.5)
+    return False
+
+
+def _teardown(procs):
+    tree = []
+    for p in procs:
+        try:
+            tree += [psutil.Process(p.pid)] + psutil.Process(p.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            pass
+    return [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BIN / "flower-superlink").exists() or not (BIN / "flwr").exists(),
+                    reason="Flower's flower-superlink / flwr executables are not installed")
+def test_superlink_and_two_supernodes_run_fedpfn(tmp_path):
+    app, home, out = tmp_path / "app", tmp_path / "home", tmp_path / "result.json"
+    app.mkdir()
+    home.mkdir()
+    (app / "pyproject.toml").write_text(PYPROJECT.format(output=out))
+    (app / "README.md").write_text("neuralign deployment test\n")
+    link_port, n0, n1 = _free_ports(3)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\n'
+        "insecure = true\n")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               FLWR_HOME=str(home), OMP_NUM_THREADS="1")
+    deadline = time.time() + DEADLINE_S
+    procs, logs = [], []
+
+    def start(name, args):
+        log = open(tmp_path / f"{name}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log,
+                                      stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
+        return procs[-1]
+
+    try:
+        link = start("superlink", ["flower-superlink", "--insecure",
+                                   "--disable-runtime-dependency-installation",
+                                   "--host", "127.0.0.1", "--port", str(link_port)])
+        assert _wait_port(link_port, link, deadline), (tmp_path / "superlink.log").read_text()[-2000:]
+        for i, port in enumerate([n0, n1]):
+            start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink",
+                                    f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port",
+                                    str(port), "--node-config",
+                                    f"partition-id={i} num-partitions=2"])
+        run = subprocess.run([str(BIN / "flwr"), "run", str(app), "local"], env=env,
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert "Successfully started run" in run.stdout, run.stdout + run.stderr
+        while not out.exists() and time.time() < deadline:
+            assert link.poll() is None, "the SuperLink died"
+            time.sleep(1)
+        assert out.exists(), f"no result within {DEADLINE_S}s; superlink log: " + \
+            (tmp_path / "superlink.log").read_text()[-2000:]
+        hist = json.loads(out.read_text())
+    finally:
+        survivors = _teardown(procs)
+        for log in logs:
+            log.close()
+    assert survivors == [], f"processes left running: {survivors}"
+    assert hist["finished"] and hist["strategy"] == "fedpfn" and hist["round"] == [0, 1, 2]
+    assert hist["participants"] == {"1": 2, "2": 2} and hist["failures"] == {}
+    assert hist["accuracy"][-1] > hist["accuracy"][0] + 0.2, hist["accuracy"]
+    shutil.rmtree(home / "apps", ignore_errors=True)
