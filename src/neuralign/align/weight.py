@@ -66,6 +66,7 @@ class _State:
             p = self.perm[name]
             if not torch.equal(p, torch.arange(g.size)):
                 self._take(name, p)
+        self.t_score = self.t_lap = 0.0
         self.amats = {name: [(pl, unit_matrix(self.A[pl.key], pl, g.size)) for pl in g.places
                              if pl.key in self.A]
                       for name, g in spec.groups.items()}
@@ -86,11 +87,15 @@ class _State:
         return s
 
     def step(self, name: str, rtol: float) -> bool:
+        t0 = time.perf_counter()
         s = self.score(name)
         if s is None:
             return False
-        rel = solve_lap(s)
         s64 = s.double().cpu()
+        t1 = time.perf_counter()
+        rel = solve_lap(s64)
+        self.t_score += t1 - t0
+        self.t_lap += time.perf_counter() - t1
         idx = torch.arange(len(rel))
         old, new = float(s64[idx, idx].sum()), float(s64[idx, rel].sum())
         if new - old <= rtol * max(abs(old), 1e-30):
@@ -153,7 +158,8 @@ def _run(spec, sd_a, sd_b, init, names, max_iter, seed, rtol):
     elapsed = time.perf_counter() - t0
     st.perm.info = {"method": "weight", "objective": hist[-1], "objective_init": hist[0],
                     "objective_history": hist, "sweeps": sweeps, "converged": converged,
-                    "time_s": elapsed, "time_per_sweep_s": elapsed / max(sweeps, 1), "seed": seed}
+                    "time_s": elapsed, "time_per_sweep_s": elapsed / max(sweeps, 1), "seed": seed,
+                    "score_time_s": st.t_score, "lap_time_s": st.t_lap}
     return st.perm
 
 
