@@ -26,8 +26,8 @@ def ds(n=48, seed=0, shift=0.0):
                          torch.randint(0, 3, (n,), generator=g))
 
 
-def run(strategy, **kw):
-    return finetune(tiny(), ds(seed=1, shift=0.5), strategy=strategy, epochs=2, lr=0.05,
+def run(strategy, epochs=1, **kw):
+    return finetune(tiny(), ds(n=32, seed=1, shift=0.5), strategy=strategy, epochs=epochs, lr=0.05,
                     batch_size=16, progress=False, **kw)
 
 
@@ -42,10 +42,10 @@ def test_strategy_runs_and_zero_weights_freeze_exactly(name):
     opts = {} if name in ("auto_rgn", "auto_snr", "auto_rgn_hessian") else {"source_data": ds()}
     if name == "module_criticality":
         opts["top_k"] = 3
-    res = finetune(model, ds(seed=1, shift=0.5), strategy=name, epochs=2, lr=0.05,
-                   batch_size=16, progress=False, lbfgs_steps=4, **opts) if "hessian" in name \
-        else finetune(model, ds(seed=1, shift=0.5), strategy=name, epochs=2, lr=0.05,
-                      batch_size=16, progress=False, **opts)
+    if "hessian" in name:
+        opts["lbfgs_steps"] = 4
+    res = finetune(model, ds(n=32, seed=1, shift=0.5), strategy=name, epochs=2, lr=0.05,
+                   batch_size=16, progress=False, **opts)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # input intact
     w = res.info["layer_weights"]
     assert set(w) == {layer.name for layer in model_layers(model)}
@@ -131,7 +131,7 @@ def test_torchvision_resnet_block_scores():
     torch.manual_seed(0)
     model = tv.models.resnet18(num_classes=3).eval()
     data = ds(n=8, seed=2)
-    x = data.tensors[0][:4].repeat(1, 3, 2, 2)
+    x = data.tensors[0][:4].repeat(1, 3, 1, 1)
     y = data.tensors[1][:4]
     from neuralign.finetune.auto_lr import criticality_scores, gradient_weights
 
@@ -140,9 +140,9 @@ def test_torchvision_resnet_block_scores():
     assert "layer1.0" in names and names[-1] == "fc" and "bn1" not in names
     w, _ = gradient_weights("rgn", model, [(x, y)], layers)
     assert max(w.values()) == pytest.approx(1.0)
-    raw = criticality_scores(model, [(x, y)], layers, removal="identity",
-                             granularity="block")
-    assert set(raw) == set(names)
+    some = [layer for layer in layers if layer.name in ("conv1", "layer1.0", "layer2.0", "fc")]
+    raw = criticality_scores(model, [(x, y)], some, removal="identity", granularity="block")
+    assert set(raw) == {"conv1", "layer1.0", "layer2.0", "fc"}
 
 
 def test_weights_are_saved_and_plotted(tmp_path):
