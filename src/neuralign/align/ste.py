@@ -45,9 +45,10 @@ def ste_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, 
     theta_a = {n: sd_a[n].detach().to(dev) for n in names}
     free = {n: sd_a[n].detach().clone().to(dev).requires_grad_(True) for n in names}
     buffers = {n: b.detach().clone().to(dev) for n, b in model_a.named_buffers()}
+    others = {k: v.detach().to(dev) for k, v in sd_a.items() if k not in free}  # state buffers
     opt = torch.optim.Adam(free.values(), lr=lr)
     sd_b_dev = {k: v.detach().to(dev) for k, v in sd_b.items()}
-    perm = weight_matching(spec, {n: free[n].detach() for n in names} | buffers, sd_b_dev,
+    perm = weight_matching(spec, {n: free[n].detach() for n in names} | others, sd_b_dev,
                            max_iter=wm_max_iter, seed=seed)
     losses, step = [], 0
     for _ in range(epochs):
@@ -55,7 +56,7 @@ def ste_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, 
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise DataError("STE matching needs a loader of (inputs, targets) batches")
             x, y = first_input(batch).to(dev), batch[1].to(dev)
-            current = {n: free[n].detach() for n in names} | buffers
+            current = {n: free[n].detach() for n in names} | others
             perm = weight_matching(spec, current, sd_b_dev, max_iter=wm_max_iter, seed=seed + step,
                                    init=perm)
             proj = _permute_sd(sd_b_dev, perm, spec)
@@ -71,7 +72,7 @@ def ste_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, 
                 break
         if max_steps is not None and step >= max_steps:
             break
-    current = {n: free[n].detach() for n in names} | buffers
+    current = {n: free[n].detach() for n in names} | others
     perm = weight_matching(spec, current, sd_b_dev, max_iter=wm_max_iter, seed=seed, init=perm)
     out = Permutation({k: v.cpu() for k, v in perm.items()})
     out.info = {"method": "ste", "steps": step, "loss_history": losses,
