@@ -14,9 +14,26 @@ from neuralign.permute import apply_permutation
 from neuralign.spec import spec_from_model
 from neuralign.spec.core import PermutationSpec
 
-__all__ = ["align_models", "METHODS"]
+__all__ = ["align_models", "METHODS", "example_input_for"]
 
 METHODS = ("weight", "activation", "corr", "cov", "ste", "sinkhorn")
+
+
+def example_input_for(model: nn.Module):
+    """A dummy batch ``(2, C, H, W)`` for tracing, from the model's ``model_config`` (set by
+    ``neuralign.models.get_model`` and checkpoints); None when the config does not say."""
+    import torch
+
+    try:
+        from neuralign.models import model_config
+
+        kw = model_config(model).get("kwargs", {})
+    except Exception:  # noqa: BLE001 - models without a config
+        return None
+    c, size = kw.get("in_channels"), kw.get("image_size")
+    if c is None or size is None:
+        return None
+    return torch.zeros(2, c, size, size)
 
 
 def align_models(a: nn.Module, b: nn.Module, method: str = "weight", loader=None, seed: int = 0,
@@ -36,6 +53,8 @@ def align_models(a: nn.Module, b: nn.Module, method: str = "weight", loader=None
     if spec is None:
         if example_input is None and loader is not None:
             example_input = first_input(next(iter(loader)))
+        if example_input is None:
+            example_input = example_input_for(a)
         spec = spec_from_model(a, example_input)
     if method in ("activation", "corr", "cov", "ste") and loader is None:
         raise DataError(f"method {method!r} needs data: pass a loader (CLI: --data)")

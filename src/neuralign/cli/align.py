@@ -10,19 +10,13 @@ from neuralign.errors import NeuralignError
 
 def _example_input(model):
     """A dummy batch for tracing, from the model's config (when data is not given)."""
-    import torch
+    from neuralign.align.api import example_input_for
 
-    from neuralign.models import model_config
-
-    try:
-        kw = model_config(model).get("kwargs", {})
-    except Exception:  # noqa: BLE001
-        kw = {}
-    c, size = kw.get("in_channels"), kw.get("image_size")
-    if c is None or size is None:
+    x = example_input_for(model)
+    if x is None:
         raise NeuralignError("cannot infer the input shape of the model; pass --data so the "
                              "first batch serves as example input")
-    return torch.zeros(2, c, size, size)
+    return x
 
 
 def register(app: typer.Typer) -> None:
