@@ -59,6 +59,12 @@ def two_runs(cfg, data, rho, mode, seed, method="tna"):
     if mode == "halves":
         perm = np.random.default_rng(seed).permutation(n)
         parts = [Subset(train_ds, perm[: n // 2].tolist()), Subset(train_ds, perm[n // 2:].tolist())]
+    elif mode == "skew":  # label-skewed halves: 80% of classes 0-4 to model A, 80% of 5-9 to B
+        y = train_ds.tensors[1].numpy()
+        rng = np.random.default_rng(seed)
+        to_a = np.where(y < 5, rng.random(n) < 0.8, rng.random(n) < 0.2)
+        parts = [Subset(train_ds, np.nonzero(to_a)[0].tolist()),
+                 Subset(train_ds, np.nonzero(~to_a)[0].tolist())]
     else:
         parts = [train_ds, train_ds]
     models, accs = [], []
@@ -92,7 +98,13 @@ def agg(rows, key):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (not for the docs)")
+    ap.add_argument("--only", default="", help="comma-separated parts to (re)run, e.g. "
+                    "A:skew,B,C,D; the others are read from docs/results/tna_pfn.json")
     args = ap.parse_args()
+    only = [p for p in args.only.split(",") if p]
+
+    def want(part):
+        return not only or part in only
     torch.set_num_threads(1)
     q = args.quick
     t0 = time.time()
@@ -104,10 +116,15 @@ def main():
     mlp = {"model": "mlp", "size": 28, "kwargs": {"width": 128, "depth": 2}, "bs": 64,
            "epochs": 2 if q else 5, "lr": 0.05}
     res: dict = {"A": {}, "B": {}, "C": {}, "D": {}}
+    if only:
+        res = json.loads((OUT / "tna_pfn.json").read_text())
+        t0 -= res.get("seconds", 0.0)
 
     # A: rho sweep vs pruning, two settings
     rhos = [0.0, 0.4, 0.8] if q else [round(0.1 * i, 1) for i in range(10)]
-    for mode in ["order", "halves"]:
+    for mode in ["order", "halves", "skew"]:
+        if not want(f"A:{mode}"):
+            continue
         for method in ["tna", "prune"]:
             for rho in rhos:
                 if method == "prune" and rho == 0.0:
@@ -119,7 +136,7 @@ def main():
                       f" ({time.time() - t0:.0f}s)", flush=True)
 
     # B: width and depth (halves, where barriers are largest)
-    for tag, kw in ([("w", {"width": w, "depth": 2}) for w in ([32, 128] if q else [32, 128, 512])]
+    for tag, kw in [] if not want("B") else ([("w", {"width": w, "depth": 2}) for w in ([32, 128] if q else [32, 128, 512])]
                     + [("d", {"width": 128, "depth": d}) for d in ([1, 2] if q else [1, 2, 4])]):
         for rho in [0.0, 0.4]:
             cfg = dict(mlp, kwargs=kw)
@@ -137,7 +154,7 @@ def main():
         "ResNet-20 (x1, BN)": {"model": "resnet20", "size": 14, "kwargs": {"width": 1, "norm": "bn"},
                                "bs": 64, "epochs": 1 if q else 3, "lr": 0.05, "bn": True, "ts": 5},
     }
-    for name, cfg in archs.items():
+    for name, cfg in archs.items() if want("C") else []:
         data = full if cfg["model"] == "mlp" else small
         if cfg["model"] != "mlp":
             n = 300 if q else 1000
@@ -149,7 +166,8 @@ def main():
                   f"({time.time() - t0:.0f}s)", flush=True)
 
     # D: soup of K fine-tunes of one pre-trained MLP (pre-train on classes 0-4, fine-tune on all)
-    res["D"] = soup_experiment(full, seeds, q)
+    if want("D"):
+        res["D"] = soup_experiment(full, seeds, q)
     print(f"D done ({time.time() - t0:.0f}s)", flush=True)
     res["seconds"] = time.time() - t0
     write(res, rhos, q)
@@ -204,12 +222,14 @@ def write(res, rhos, q):
          "**Scale (reduced from the paper):** 3,000 class-balanced training images; MLP 784-128-128-10, "
          "SGD (lr 0.05, momentum 0.9, wd 5e-4, cosine), batch 64, 5 epochs. Both models start from "
          "one initialisation and share the anchor mask (same seed); they differ in data order "
-         "(`order`) or see disjoint halves of the data (`halves`). Pruning baseline: the same random "
+         "(`order`), see disjoint random halves of the data (`halves`), or see label-skewed halves "
+         "(`skew`: model A gets 80 % of the images of classes 0-4 and 20 % of classes 5-9, model B "
+         "the rest). Pruning baseline: the same random "
          "mask, the masked weights set to zero and kept there (random pruning at initialisation). "
          "Architectures: VGG-11 (width ×0.25, BN) and ResNet-20 (×1, BN) on 1,000 images downsampled "
          "to 14×14, 4 and 3 epochs, BN statistics reset on training data at every interpolation "
          "point, 5 interpolation points.", ""]
-    for mode in ["order", "halves"]:
+    for mode in [m for m in ["order", "halves", "skew"] if f"{m}/tna/0.0" in res["A"]]:
         L += [f"## A. Barrier vs mask ratio ρ ({mode})", "",
               "| ρ | TNA-PFN acc. barrier | pruning acc. barrier | TNA-PFN loss barrier | "
               "pruning loss barrier | TNA-PFN avg acc | pruning avg acc | TNA-PFN interp acc | "
@@ -245,8 +265,9 @@ def write(res, rhos, q):
           "Raw numbers: `tna_pfn.json`.", ""]
     (OUT / "tna_pfn.md").write_text("\n".join(L))
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, mode in zip(axes, ["order", "halves"]):
+    modes = [m for m in ["order", "halves", "skew"] if f"{m}/tna/0.0" in res["A"]]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.8), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
         for method, c in [("tna", "C0"), ("prune", "C3")]:
             m = np.array([agg(res["A"][f"{mode}/{method}/{r}"], "acc_barrier") for r in rhos])
             ax.errorbar(rhos, m[:, 0], yerr=m[:, 1], color=c, marker="o", capsize=3,

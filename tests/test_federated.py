@@ -13,11 +13,11 @@ from torch import nn
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'neuralign[fl]')")
 pytest.importorskip("flwr_datasets", reason="flwr-datasets is not installed")
 
-from neuralign.errors import NeuralignError  # noqa: E402
-from neuralign.federated import FedTask, dirichlet_partition, label_histogram  # noqa: E402
-from neuralign.federated.fedma import match_layer, matched_average_step  # noqa: E402
-from neuralign.federated.runner import run_federated  # noqa: E402
-from neuralign.train.anchors import anchor_masks  # noqa: E402
+from neuralign.errors import NeuralignError
+from neuralign.federated import FedTask, dirichlet_partition, label_histogram
+from neuralign.federated.fedma import match_layer, matched_average_step
+from neuralign.federated.runner import run_federated
+from neuralign.train.anchors import anchor_masks
 
 TASK = FedTask(dataset="digits", num_partitions=3, alpha=0.5, model="mlp",
                model_kwargs='{"width": 32, "depth": 1}', lr=0.1, batch_size=32, seed=0)
@@ -77,7 +77,7 @@ def test_client_that_times_out_is_dropped():
 
 @pytest.mark.parametrize("strategy", ["fedpfn", "fedpnu"])
 def test_anchor_strategies_keep_fixed_neurons(strategy):
-    import neuralign.federated.server as server
+    from neuralign.federated import server
 
     seen = {}
     orig = server.central_evaluator

@@ -7,9 +7,23 @@ Use :func:`run_federated` for a run on one machine; ``make_client_app`` / ``make
 from neuralign.federated.partition import dirichlet_partition, label_histogram
 from neuralign.federated.task import FedTask
 
-__all__ = ["FedTask", "dirichlet_partition", "label_histogram", "run_federated",
-           "make_client_app", "make_server_app", "make_strategy", "local_train", "FedPFN",
-           "FedPNU", "FedAvg", "FedProx", "match_layer", "matched_average_step", "LocalGrid"]
+__all__ = [
+    "FedAvg",
+    "FedPFN",
+    "FedPNU",
+    "FedProx",
+    "FedTask",
+    "LocalGrid",
+    "dirichlet_partition",
+    "label_histogram",
+    "local_train",
+    "make_client_app",
+    "make_server_app",
+    "make_strategy",
+    "match_layer",
+    "matched_average_step",
+    "run_federated",
+]
 
 
 def __getattr__(name):  # Flower is imported only when a Flower-backed name is used

@@ -62,7 +62,7 @@ def local_train(model: nn.Module, loader, task: FedTask, config) -> tuple[nn.Mod
         mu = float(config.get("proximal-mu", 0.01))
         ref = [p.detach().clone() for p in model.parameters()]
 
-        def regularizer(m, ref=ref, mu=mu):  # noqa: E306
+        def regularizer(m, ref=ref, mu=mu):
             return 0.5 * mu * sum(((p - r) ** 2).sum() for p, r in zip(m.parameters(), ref))
     if method in ("fedpfn", "fedpnu"):
         ratio = float(config.get("anchor-ratio", 0.4))

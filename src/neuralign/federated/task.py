@@ -18,8 +18,8 @@ from torch.utils.data import Subset
 
 from neuralign.data import load_data, make_loader
 from neuralign.errors import NeuralignError
-from neuralign.models import get_model
 from neuralign.federated.partition import dirichlet_partition
+from neuralign.models import get_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class FedTask:
         return {f"task.{k.replace('_', '-')}": v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_run_config(cls, cfg) -> "FedTask":
+    def from_run_config(cls, cfg) -> FedTask:
         kw = {}
         for f in dataclasses.fields(cls):
             key = f"task.{f.name.replace('_', '-')}"
