@@ -11,7 +11,7 @@ from rich.table import Table
 from neuralign.errors import NeuralignError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def run_app(app: typer.Typer) -> None:

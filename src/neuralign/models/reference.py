@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from neuralign.errors import NeuralignError
+
 
 def _norm2d(kind: str, channels: int) -> nn.Module:
     if kind == "bn":
@@ -18,7 +20,17 @@ def _norm2d(kind: str, channels: int) -> nn.Module:
         return nn.GroupNorm(1, channels)
     if kind in ("none", None):
         return nn.Identity()
-    raise ValueError(f"norm must be 'bn', 'ln' or 'none', got {kind!r}")
+    raise NeuralignError(f"norm must be 'bn', 'ln' or 'none', got {kind!r}")
+
+
+def _kaiming_init(model: nn.Module) -> None:
+    """He initialisation of convolutions (fan-in, He et al. 2015), so that deep
+    norm-free variants train too."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class MLP(nn.Module):
@@ -28,7 +40,7 @@ class MLP(nn.Module):
                  depth: int = 3, norm: str = "none"):
         super().__init__()
         if depth < 1 or width < 1:
-            raise ValueError("MLP needs depth >= 1 and width >= 1")
+            raise NeuralignError("MLP needs depth >= 1 and width >= 1")
         self.flatten = nn.Flatten()
         layers: list[nn.Module] = []
         d = in_features
@@ -67,7 +79,7 @@ class VGG(nn.Module):
                  norm: str = "bn", width: float = 1.0, image_size: int = 28):
         super().__init__()
         if cfg not in VGG_CFGS:
-            raise ValueError(f"unknown VGG config {cfg!r}; choose from {sorted(VGG_CFGS)}")
+            raise NeuralignError(f"unknown VGG config {cfg!r}; choose from {sorted(VGG_CFGS)}")
         layers: list[nn.Module] = []
         c, size = in_channels, image_size
         for v in VGG_CFGS[cfg]:
@@ -84,6 +96,7 @@ class VGG(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(c, num_classes)
+        _kaiming_init(self)
 
     def forward(self, x):
         return self.classifier(self.flatten(self.pool(self.features(x))))
@@ -129,6 +142,7 @@ class ResNet20(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(cin, num_classes)
+        _kaiming_init(self)
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))

@@ -1,0 +1,31 @@
+"""Shared fixtures. Tests are CPU-only and fast; optional extras are skipped when absent."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from neuralign.data import load_digits
+
+    return load_digits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def fashion_root():
+    from neuralign.data import fashion_mnist_root
+
+    root = fashion_mnist_root()
+    if not (root / "train-images-idx3-ubyte.gz").exists() and not (
+            root / "train-images-idx3-ubyte").exists():
+        pytest.skip(f"Fashion-MNIST files absent from {root} "
+                    "(apt-get install -y dataset-fashion-mnist)")
+    return root
