@@ -71,6 +71,11 @@ def test_auto_rgn_recomputes_every_epoch_or_k_steps():
     once = finetune(tiny(), ds(seed=1), strategy="auto_rgn", epochs=2, lr=0.05, batch_size=16,
                     progress=False, every="once")
     assert len(once.info["weights_history"]) == 1
+    snr = finetune(tiny(), ds(seed=1), strategy="auto_snr", epochs=1, lr=0.05, batch_size=16,
+                   progress=False, threshold=0.3)
+    assert set(snr.info["layer_weights"].values()) <= {0.0, 1.0}
+    assert snr.info["layer_weights"] == {k: float(v >= 0.3)
+                                         for k, v in snr.info["raw_scores"].items()}
     with pytest.raises(NeuralignError, match="every"):
         run("auto_rgn", every="sometimes")
 

@@ -96,7 +96,7 @@ class _Rescore:
 class _GradientStrategy(_PerLayer):
     kind, hessian, change = "rgn", False, False
     defaults = {**_COMMON, "every": "epoch", "rebuild_optimizer": False, "average": "score",
-                "memory": 10, "lbfgs_steps": 10, "source_data": None}
+                "memory": 10, "lbfgs_steps": 10, "threshold": None, "source_data": None}
 
     def compute(self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext):
         device = model_device(model)
@@ -107,6 +107,8 @@ class _GradientStrategy(_PerLayer):
             self.kind, model, batches, self.layers, source_batches=src, hessian=self.hessian,
             average=self.options["average"], memory=self.options["memory"],
             lbfgs_steps=self.options["lbfgs_steps"])
+        if self.options["threshold"] is not None:  # Lee et al.'s eb-criterion: 0/1 on raw SNR
+            weights = {k: float(v >= self.options["threshold"]) for k, v in raw.items()}
         self._record(weights, raw)
         return weights
 
