@@ -67,7 +67,7 @@ def test_weight_matching_sweeps_never_lower_the_objective(name, kw):
     assert all(h1 >= h0 - 1e-9 * abs(h0) for h0, h1 in zip(hist, hist[1:]))
     assert hist[-1] > hist[0]
     # the reported objective is the one of the permuted model
-    assert weight_objective(spec, a, apply_permutation(b, perm, spec)) == pytest.approx(hist[-1])
+    assert weight_objective(spec, a, apply_permutation(b, perm, spec)) == pytest.approx(hist[-1], rel=1e-5)
 
 
 def test_weight_matching_accepts_state_dicts_and_does_not_mutate():
