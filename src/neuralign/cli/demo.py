@@ -43,17 +43,17 @@ def register(app: typer.Typer) -> None:
                             [[f"seed {s}", r["loss"], r["accuracy"]] for s, r in
                              zip(seeds, (evaluate(a, test), evaluate(b, test)))]))
         curves = {"naive": interpolation_curve(a, b, test, points)}
-        for method, label in (("weight", "weight matching"), ("activation", "activation matching")):
+        for method, label in (("weight", "weight match"), ("activation", "activation match")):
             b_aligned, _, summary = align_models(a, b, method, loader=splits.loader("train", 256,
                                                                                       shuffle=False))
             curves[label] = interpolation_curve(a, b_aligned, test, points)
         ts = curves["naive"].t
-        cols = ["t"] + [f"{k}: {m}" for k in curves for m in ("loss", "acc")]
-        rows = [[f"{t:.1f}"] + [v for c in curves.values() for v in (c.loss[i], c.accuracy[i])]
-                for i, t in enumerate(ts)]
-        console.print(table("test loss / accuracy along (1-t)·A + t·B", cols, rows))
+        for metric in ("loss", "accuracy"):
+            rows = [[f"{t:.1f}"] + [getattr(c, metric)[i] for c in curves.values()]
+                    for i, t in enumerate(ts)]
+            console.print(table(f"test {metric} along (1-t)·A + t·B", ["t", *curves], rows))
         console.print(table(
             "barriers (Frankle: max minus endpoint mean; Entezari: max above the chord)",
-            ["path", "loss (Frankle)", "loss (Entezari)", "acc (Frankle)", "acc (Entezari)"],
+            ["path", "loss F", "loss E", "acc F", "acc E"],
             [[name] + [barrier(c, k, d) for k in ("loss", "accuracy")
                        for d in ("frankle", "entezari")] for name, c in curves.items()]))
