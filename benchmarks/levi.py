@@ -216,7 +216,37 @@ def summarize(results, args):
                          f"{fmt([s[n]['ood'] for s in per_seed])} | {r0['trainable_params']:,} | "
                          f"{r0['inference_params']:,} | {r0['flops'] / 1e6:.2f} M |")
         lines.append("")
+        lines += claim_check(per_seed)
     return "\n".join(lines)
+
+
+BASELINES = ["FT", "HT", "LP", "FS", "LP-FT", "FT+RobustModel", "FT+ZeroShot", "FT+FS"]
+
+
+def claim_check(per_seed):
+    """The paper's claim, checked on this variant: LEVI's OOD vs FT and every baseline."""
+    names = per_seed[0].keys()
+    mean = lambda n, k: float(np.mean([s[n][k] for s in per_seed]))  # noqa: E731
+    base = [b for b in BASELINES if b in names]
+    best_b = max(base, key=lambda n: mean(n, "ood"))
+    out = ["Claim check (computed from the table above):", ""]
+    for lv in [n for n in names if n.startswith("LEVI")]:
+        d = np.array([s[lv]["ood"] - s["FT"]["ood"] for s in per_seed]) * 100
+        di = np.array([s[lv]["id"] - s["FT"]["id"] for s in per_seed]) * 100
+        beats = [b for b in base if mean(lv, "ood") > mean(b, "ood")]
+        heavy = [h for h in ("FT+RobustModel", "FT+FS") if h in names]
+        cost = ", ".join(
+            f"{per_seed[0][lv]['trainable_params'] / per_seed[0][h]['trainable_params']:.2f}x the "
+            f"trainable params and {per_seed[0][lv]['flops'] / per_seed[0][h]['flops']:.2f}x the "
+            f"FLOPs of {h}" for h in heavy)
+        out.append(f"- {lv}: OOD {d.mean():+.1f} ± {d.std():.1f} points vs FT (ID "
+                   f"{di.mean():+.1f} ± {di.std():.1f}); higher mean OOD than "
+                   f"{len(beats)}/{len(base)} baselines"
+                   + ("" if len(beats) == len(base) else
+                      f" (best baseline OOD: {best_b}, {mean(best_b, 'ood') * 100:.1f})")
+                   + (f"; {cost}" if cost else "") + ".")
+    out.append("")
+    return out
 
 
 def plot(results, out_dir):
@@ -281,7 +311,26 @@ def main(argv=None):
     p.add_argument("--pre-cue", default="barcode:3:1.0", help="kind:size:strength of the pre-training cue")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--from-json", default=None,
+                   help="comma-separated levi.json files of earlier runs (e.g. the two variants "
+                        "run in parallel): merge them and only write the tables and plots")
     args = p.parse_args(argv)
+    if args.from_json:
+        results = {}
+        for f in args.from_json.split(","):
+            blob = json.loads(Path(f).read_text())
+            results.update(blob["results"])
+            saved = blob["args"]
+        for k, v in saved.items():
+            if k not in ("variants", "out", "from_json"):
+                setattr(args, k, v)
+        out_dir = Path(args.out)
+        (out_dir / "levi.json").write_text(json.dumps({"args": vars(args), "results": results},
+                                                      indent=1))
+        (out_dir / "levi.md").write_text(summarize(results, args) + "\n")
+        plot(results, out_dir)
+        print((out_dir / "levi.md").read_text())
+        return
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

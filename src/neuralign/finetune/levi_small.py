@@ -16,13 +16,19 @@ from torch import nn
 from neuralign.errors import NeuralignError
 
 
+class _Pool(nn.Module):
+    """2x2 max pooling that leaves maps smaller than 2x2 as they are (small inputs: digits)."""
+
+    def forward(self, x):
+        return x if min(x.shape[-2:]) < 2 else nn.functional.max_pool2d(x, 2)
+
+
 class CNN4(nn.Module):
     def __init__(self, in_channels: int = 1, widths=(32, 64, 64, 64)):
         super().__init__()
         layers, cin = [], in_channels
         for w in widths:
-            layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
-                       nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), _Pool()]
             cin = w
         self.features = nn.Sequential(*layers)
         self.flatten = nn.Flatten()
