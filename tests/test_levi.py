@@ -280,3 +280,18 @@ def test_checkpoint_saves_only_trained_weights(tmp_path):
     assert set(back2.state_dict()) == set(model.state_dict())
     with pytest.raises(CheckpointError, match="does not fit"):
         load_levi(path, large=get_model("resnet20", num_classes=3, width=2))
+
+
+def test_ft_fs_from_given_members_and_best_val_selection():
+    ds = _images(n=24, size=16)
+    m = get_model("resnet20", num_classes=3)
+    a, b = get_model("resnet20", num_classes=3), reinitialize(m, seed=5)
+    res = finetune(m, ds, strategy="ft_fs", members=[a, b], epochs=1, num_classes=3,
+                   progress=False)
+    x = ds.tensors[0][:4]
+    a.eval(), b.eval()
+    mean = (torch.softmax(a(x), -1) + torch.softmax(b(x), -1)) / 2
+    assert torch.allclose(res.model(x).exp(), mean, atol=1e-5)
+    lv = finetune(m, ds, strategy="levi", hidden=8, small_options={"widths": [8, 8]}, epochs=2,
+                  num_classes=3, val_data=ds, select="best_val", progress=False)
+    assert len(lv.info["selected_epochs"]) == 1
