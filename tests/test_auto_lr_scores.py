@@ -9,11 +9,22 @@ from torch import nn
 
 from neuralign.errors import NeuralignError
 from neuralign.finetune.auto_lr.criticality import (
-    criticality_scores, identity_removal_, remove_module, top_k_weights)
+    criticality_scores,
+    identity_removal_,
+    remove_module,
+    top_k_weights,
+)
 from neuralign.finetune.auto_lr.grad_scores import (
-    gradient_weights, per_example_gradients, rgn_scores, snr_scores)
+    gradient_weights,
+    per_example_gradients,
+    rgn_scores,
+    snr_scores,
+)
 from neuralign.finetune.auto_lr.layers import (
-    model_layers, normalise_scores, param_groups_from_weights)
+    model_layers,
+    normalise_scores,
+    param_groups_from_weights,
+)
 from neuralign.finetune.auto_lr.lbfgs import lbfgs_pairs, preconditioned_gradient, two_loop
 from neuralign.finetune.auto_lr.surprise import surprise_scores
 
@@ -52,7 +63,7 @@ def test_auto_rgn_matches_hand_computation():
                  for x, y in batches]
     expected = torch.tensor(per_batch).mean(0)
     expected = expected / expected.max()
-    w, raw = gradient_weights("rgn", m, batches, layers)
+    w, _ = gradient_weights("rgn", m, batches, layers)
     assert torch.allclose(torch.tensor(list(w.values())), expected, atol=1e-5)
     assert max(w.values()) == pytest.approx(1.0)
     # the "gradient" average: ratio of the mean gradient
@@ -176,7 +187,7 @@ def test_change_scores_vanish_for_identical_source_and_target():
     layers = model_layers(m, "tensor")
     w, raw = gradient_weights("rgn", m, batches, layers, source_batches=batches)
     assert max(raw.values()) == 0 and max(w.values()) == 0
-    w2, raw2 = gradient_weights("rgn", m, batches, layers, source_batches=data(seed=5))
+    w2, _ = gradient_weights("rgn", m, batches, layers, source_batches=data(seed=5))
     assert max(w2.values()) == pytest.approx(1.0)
 
 

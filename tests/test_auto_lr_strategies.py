@@ -51,7 +51,7 @@ def test_strategy_runs_and_zero_weights_freeze_exactly(name):
     assert set(w) == {layer.name for layer in model_layers(model)}
     assert all(0.0 <= v <= 1.0 for v in w.values()) and max(w.values()) == pytest.approx(1.0)
     new = dict(res.model.named_parameters())
-    for layer, v in w.items():  # a layer whose weight stayed 0 throughout never moved
+    for layer in w:  # a layer whose weight stayed 0 throughout never moved
         if all(h[layer] == 0.0 for h in res.info["weights_history"]):
             assert torch.equal(new[layer], before[layer]), layer
     # batch-norm parameters are frozen (weight 0) by default

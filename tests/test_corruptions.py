@@ -7,7 +7,11 @@ from torch.utils.data import TensorDataset
 from neuralign.data.corruptions import CORRUPTIONS, corrupt
 from neuralign.data.label_shift import flip_dataset, flip_labels, permute_labels
 from neuralign.data.subpopulation import (
-    FASHION_SUPERCLASSES, relabel, split_subclasses, subpopulation_shift)
+    FASHION_SUPERCLASSES,
+    relabel,
+    split_subclasses,
+    subpopulation_shift,
+)
 from neuralign.errors import DataError
 
 

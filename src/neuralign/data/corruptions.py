@@ -30,7 +30,7 @@ CORRUPTIONS = (
 
 
 def _gauss_kernel(sigma: float, radius: int | None = None) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma))) if radius is None else radius
+    radius = max(1, math.ceil(3 * sigma)) if radius is None else radius
     ax = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-ax ** 2 / (2 * max(sigma, 1e-6) ** 2))
     k2 = torch.outer(k, k)
@@ -54,7 +54,7 @@ def _blur(x, sigma):
 
 
 def _disk(radius: float, alias_sigma: float) -> torch.Tensor:
-    r = max(1, int(math.ceil(radius)))
+    r = max(1, math.ceil(radius))
     ax = torch.arange(-r, r + 1, dtype=torch.float32)
     yy, xx = torch.meshgrid(ax, ax, indexing="ij")
     k = ((xx ** 2 + yy ** 2) <= radius ** 2).float()
@@ -64,7 +64,7 @@ def _disk(radius: float, alias_sigma: float) -> torch.Tensor:
 
 def _motion_kernels(n: int, length: float, sigma: float, gen: torch.Generator) -> torch.Tensor:
     """Per-image line kernels of ``length`` pixels at random angles, Gaussian-weighted."""
-    r = max(1, int(math.ceil(length)))
+    r = max(1, math.ceil(length))
     ax = torch.arange(-r, r + 1, dtype=torch.float32)
     yy, xx = torch.meshgrid(ax, ax, indexing="ij")
     theta = (torch.rand(n, generator=gen) * 2 - 1) * math.pi / 4
@@ -80,7 +80,7 @@ def _motion_kernels(n: int, length: float, sigma: float, gen: torch.Generator) -
 def _zoom(x: torch.Tensor, z: float) -> torch.Tensor:
     """Zoom in by ``z`` about the centre, keeping the size."""
     h, w = x.shape[-2:]
-    ch, cw = max(1, int(math.ceil(h / z))), max(1, int(math.ceil(w / z)))
+    ch, cw = max(1, math.ceil(h / z)), max(1, math.ceil(w / z))
     top, left = (h - ch) // 2, (w - cw) // 2
     crop = x[..., top:top + ch, left:left + cw]
     return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)

@@ -6,25 +6,69 @@ Auto-RGN / Auto-SNR): scores that pick a learning-rate weight per layer, and the
 """
 
 from neuralign.finetune.auto_lr.criticality import (
-    criticality_scores, identity_removal_, random_removal_, remove_module, top_k_weights)
+    criticality_scores,
+    identity_removal_,
+    random_removal_,
+    remove_module,
+    top_k_weights,
+)
 from neuralign.finetune.auto_lr.grad_scores import (
-    gradient_weights, per_example_gradients, rgn_scores, snr_scores)
+    gradient_weights,
+    per_example_gradients,
+    rgn_scores,
+    snr_scores,
+)
 from neuralign.finetune.auto_lr.layers import (
-    Layer, model_layers, normalise_scores, param_groups_from_weights, set_group_scales)
+    Layer,
+    model_layers,
+    normalise_scores,
+    param_groups_from_weights,
+    set_group_scales,
+)
 from neuralign.finetune.auto_lr.lbfgs import lbfgs_pairs, preconditioned_gradient, two_loop
 from neuralign.finetune.auto_lr.plots import plot_layer_weights, save_layer_weights
-from neuralign.finetune.auto_lr.strategies import (  # noqa: F401  (registers the strategies)
-    AutoRGN, AutoRGNChange, AutoRGNHessian, AutoRGNHessianChange, AutoSNR, CrossValidation,
-    LayerwiseSurprise, LayerwiseSurpriseDiff, ModuleCriticality)
+from neuralign.finetune.auto_lr.strategies import (
+    AutoRGN,
+    AutoRGNChange,
+    AutoRGNHessian,
+    AutoRGNHessianChange,
+    AutoSNR,
+    CrossValidation,
+    LayerwiseSurprise,
+    LayerwiseSurpriseDiff,
+    ModuleCriticality,
+)
 from neuralign.finetune.auto_lr.surprise import module_surprise, surprise_scores
 
 __all__ = [
-    "Layer", "model_layers", "normalise_scores", "param_groups_from_weights", "set_group_scales",
-    "rgn_scores", "snr_scores", "per_example_gradients", "gradient_weights",
-    "two_loop", "lbfgs_pairs", "preconditioned_gradient",
-    "surprise_scores", "module_surprise",
-    "criticality_scores", "remove_module", "identity_removal_", "random_removal_",
-    "top_k_weights", "plot_layer_weights", "save_layer_weights",
-    "AutoRGN", "AutoSNR", "AutoRGNHessian", "AutoRGNChange", "AutoRGNHessianChange",
-    "LayerwiseSurprise", "LayerwiseSurpriseDiff", "ModuleCriticality", "CrossValidation",
+    "AutoRGN",
+    "AutoRGNChange",
+    "AutoRGNHessian",
+    "AutoRGNHessianChange",
+    "AutoSNR",
+    "CrossValidation",
+    "Layer",
+    "LayerwiseSurprise",
+    "LayerwiseSurpriseDiff",
+    "ModuleCriticality",
+    "criticality_scores",
+    "gradient_weights",
+    "identity_removal_",
+    "lbfgs_pairs",
+    "model_layers",
+    "module_surprise",
+    "normalise_scores",
+    "param_groups_from_weights",
+    "per_example_gradients",
+    "plot_layer_weights",
+    "preconditioned_gradient",
+    "random_removal_",
+    "remove_module",
+    "rgn_scores",
+    "save_layer_weights",
+    "set_group_scales",
+    "snr_scores",
+    "surprise_scores",
+    "top_k_weights",
+    "two_loop",
 ]

@@ -16,7 +16,6 @@ from torch.func import functional_call, grad, vmap
 
 from neuralign.errors import DataError, NeuralignError
 from neuralign.finetune.auto_lr.layers import Layer, normalise_scores
-from neuralign.utils import model_device
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

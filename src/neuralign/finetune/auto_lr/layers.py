@@ -60,10 +60,10 @@ def model_blocks(model: nn.Module) -> list[str]:
         from neuralign.models import block_names
 
         names = list(block_names(model))
-        if names:
-            return names
-    except Exception:  # noqa: BLE001 - models without get_model metadata fall back
-        pass
+    except Exception:  # noqa: BLE001 - models block_names cannot read fall back
+        names = []
+    if names:
+        return names
     return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
 
 

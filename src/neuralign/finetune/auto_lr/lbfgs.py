@@ -59,8 +59,8 @@ def _flat_objective(model: nn.Module, batches: list, names: list[str], loss_fn):
         theta = theta.detach().requires_grad_(True)
         pieces = dict(zip(names, (t.view(s) for t, s in zip(theta.split(sizes), shapes))))
         with torch.enable_grad():
-            loss = sum(loss_fn(functional_call(model, (pieces, buffers), (x,)), y) * (len(y) / total)
-                       for x, y in batches)
+            loss = sum(loss_fn(functional_call(model, (pieces, buffers), (x,)), y)
+                       * (len(y) / total) for x, y in batches)
             (g,) = torch.autograd.grad(loss, theta)
         return float(loss.detach()), g.detach()
 

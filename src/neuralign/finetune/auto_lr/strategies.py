@@ -8,7 +8,7 @@ weights used), ``weights_history`` (each recomputation), ``raw_scores`` and ``gr
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 from torch.utils.data import DataLoader
@@ -18,7 +18,10 @@ from neuralign.finetune.api import FinetuneContext, Strategy, as_loader, registe
 from neuralign.finetune.auto_lr.criticality import criticality_scores, top_k_weights
 from neuralign.finetune.auto_lr.grad_scores import gradient_weights, take_batches
 from neuralign.finetune.auto_lr.layers import (
-    model_layers, param_groups_from_weights, set_group_scales)
+    model_layers,
+    param_groups_from_weights,
+    set_group_scales,
+)
 from neuralign.finetune.auto_lr.surprise import surprise_weights
 from neuralign.utils import model_device
 
@@ -51,7 +54,7 @@ def _source_batches(ctx: FinetuneContext, n: int, device) -> list:
 class _PerLayer(Strategy):
     """Shared plumbing: layers, parameter groups from ``self.weights``, info."""
 
-    defaults: dict[str, Any] = dict(_COMMON)
+    defaults: ClassVar[dict[str, Any]] = dict(_COMMON)
 
     def _layers(self, model: nn.Module):
         self.layers = model_layers(model, self.options["granularity"],
@@ -73,7 +76,7 @@ class _PerLayer(Strategy):
 class _Rescore:
     """Train-loop callback: recompute the weights every epoch or every k steps, in place."""
 
-    def __init__(self, strategy: "_GradientStrategy", loader: DataLoader, ctx: FinetuneContext):
+    def __init__(self, strategy: _GradientStrategy, loader: DataLoader, ctx: FinetuneContext):
         self.s, self.loader, self.ctx, self.steps = strategy, loader, ctx, 0
 
     def _update(self, model: nn.Module, optimizer, salt: int) -> None:
@@ -95,8 +98,9 @@ class _Rescore:
 
 class _GradientStrategy(_PerLayer):
     kind, hessian, change = "rgn", False, False
-    defaults = {**_COMMON, "every": "epoch", "rebuild_optimizer": False, "average": "score",
-                "memory": 10, "lbfgs_steps": 10, "threshold": None, "source_data": None}
+    defaults: ClassVar[dict[str, Any]] = {
+        **_COMMON, "every": "epoch", "rebuild_optimizer": False, "average": "score",
+        "memory": 10, "lbfgs_steps": 10, "threshold": None, "source_data": None}
 
     def compute(self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext):
         device = model_device(model)
@@ -140,7 +144,7 @@ class AutoSNR(_GradientStrategy):
 class AutoRGNHessian(_GradientStrategy):
     summary = "Auto-RGN on the L-BFGS-preconditioned gradient (Newton direction)"
     hessian = True
-    defaults = {**_GradientStrategy.defaults, "every": "once"}
+    defaults: ClassVar[dict[str, Any]] = {**_GradientStrategy.defaults, "every": "once"}
 
 
 @register_strategy("auto_rgn_change")
@@ -153,15 +157,16 @@ class AutoRGNChange(_GradientStrategy):
 class AutoRGNHessianChange(_GradientStrategy):
     summary = "Algorithm 1: ‖H_t g_t − H_s g_s‖_ℓ / ‖θ_ℓ‖ (needs source_data)"
     hessian = change = True
-    defaults = {**_GradientStrategy.defaults, "every": "once"}
+    defaults: ClassVar[dict[str, Any]] = {**_GradientStrategy.defaults, "every": "once"}
 
 
 @register_strategy("layerwise_surprise")
 class LayerwiseSurprise(_PerLayer):
     summary = "layerwise surprise: Σ_units KL(target ‖ source) of binned activations"
     diff = False
-    defaults = {**_COMMON, "num_batches": 10, "bins": 8, "smoothing": 1e-3, "reduce": "sum",
-                "source_data": None}
+    defaults: ClassVar[dict[str, Any]] = {
+        **_COMMON, "num_batches": 10, "bins": 8, "smoothing": 1e-3, "reduce": "sum",
+        "source_data": None}
 
     def prepare(self, model, loader, ctx):
         self._layers(model)
@@ -189,8 +194,9 @@ class ModuleCriticality(_PerLayer):
     list of ``pretune_epochs`` picks the best by validation accuracy (needs ``val_data``)."""
 
     summary = "module criticality: rate ∝ loss increase when the layer is removed (top-K)"
-    defaults = {**_COMMON, "num_batches": 10, "removal": "random", "on": "source",
-                "top_k": None, "pretune_epochs": 0, "source_data": None}
+    defaults: ClassVar[dict[str, Any]] = {
+        **_COMMON, "num_batches": 10, "removal": "random", "on": "source",
+        "top_k": None, "pretune_epochs": 0, "source_data": None}
 
     def _weights(self, model, loader, ctx, pretune: int):
         if self.options["removal"] not in ("identity", "random"):
@@ -248,7 +254,7 @@ class CrossValidation(_PerLayer):
     the subset with the best validation accuracy (needs ``val_data``)."""
 
     summary = "cross-validation over contiguous block subsets (needs val_data)"
-    defaults = {**_COMMON, "max_len": None}
+    defaults: ClassVar[dict[str, Any]] = {**_COMMON, "max_len": None}
 
     def prepare(self, model, loader, ctx):
         if ctx.val_loader is None:
