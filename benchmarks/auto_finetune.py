@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def norm(x01: torch.Tensor) -> torch.Tensor:
 
 def raw():
     a = load_fashion_mnist_arrays()
-    f = lambda k: torch.from_numpy(np.array(a[k]))  # noqa: E731
+    f = lambda k: torch.from_numpy(np.array(a[k]))
     return (f("train_images").float() / 255, f("train_labels").long(),
             f("test_images").float() / 255, f("test_labels").long())
 
@@ -132,7 +131,7 @@ def make_tasks(quick: bool):
     yf_tr, yf_te = ymap[ytr], ymap[yte]
     f_pool, f_test = pool[yf_tr[pool] >= 0], torch.nonzero(yf_te >= 0).flatten()
     all_test = torch.arange(len(yte))
-    plain = lambda x, y, s: TensorDataset(norm(x), y)  # noqa: E731
+    plain = lambda x, y, s: TensorDataset(norm(x), y)
 
     def task(kind, model, probe, num_classes):
         def data_for(seed, per_class=TGT_PER_CLASS):
@@ -217,7 +216,8 @@ def _ms(vals):
     vals = [100 * v for v in vals]
     if not vals:
         return "–"
-    return f"{np.mean(vals):.1f} ± {np.std(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
+    out = f"{np.mean(vals):.1f} ± {np.std(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
+    return out + ("" if len(vals) == len(SEEDS) else f" (n={len(vals)})")
 
 
 def _acc(results, task, seed, label, suffix=""):
@@ -249,35 +249,35 @@ def report(results, seeds, quick):
         "",
         "## Protocol (scaled down from the paper; what differs is listed)",
         "",
-        f"- Source: the small CNN (`get_model('cnn', width={WIDTH})`, 4 conv layers with BN, "
+        (f"- Source: the small CNN (`get_model('cnn', width={WIDTH})`, 4 conv layers with BN, "
         f"linear head) trained with Adam (rate {SRC_LR}) for {SRC_EPOCHS} epochs on {SRC_N} clean Fashion-MNIST "
         f"training images (test accuracy {100 * meta.get('source10_test_acc', float('nan')):.1f}%"
-        "). The paper uses WideResNet-28-10 / ResNet-50.",
-        f"- Target data: {TGT_PER_CLASS * 10} labelled examples (balanced; feature-level: "
+        "). The paper uses WideResNet-28-10 / ResNet-50."),
+        (f"- Target data: {TGT_PER_CLASS * 10} labelled examples (balanced; feature-level: "
         f"{TGT_PER_CLASS * 10 // 4} per super-class), {VAL_N} target validation examples "
         f"(early stopping over the {EPOCHS} epochs, `select='best_val'`), {TEST_N} target test "
-        "examples from the Fashion-MNIST test split; all disjoint from the source images.",
-        f"- Fine-tuning: Adam, base rate {LR} (times the strategy's per-layer weight), weight "
+        "examples from the Fashion-MNIST test split; all disjoint from the source images."),
+        (f"- Fine-tuning: Adam, base rate {LR} (times the strategy's per-layer weight), weight "
         f"decay {WD}, cosine schedule, batch {BATCH}, {EPOCHS} epochs; the same for every row. "
-        "No learning-rate search (the paper fixes 1e-5 for its WRN).",
-        f"- Input-level shift: Fashion-MNIST-C at severity 5, mean over the corruption families "
+        "No learning-rate search (the paper fixes 1e-5 for its WRN)."),
+        (f"- Input-level shift: Fashion-MNIST-C at severity 5, mean over the corruption families "
         f"{', '.join(corrs)} (a subset of the 16 implemented in `neuralign.data.corruptions`, "
-        "for CPU time).",
-        "- Feature-level shift: BREEDS-style, 4 super-classes of Fashion-MNIST "
+        "for CPU time)."),
+        ("- Feature-level shift: BREEDS-style, 4 super-classes of Fashion-MNIST "
         f"(`FASHION_SUPERCLASSES`); source sub-classes {meta.get('breeds_source')}, target "
         f"{meta.get('breeds_target')} (class -> super-class); a second source model trained on "
-        "the source sub-classes.",
-        "- Output-level shift: labels y -> 9 - y on clean images. Layerwise surprise is not run "
-        "here (as in the paper: the inputs do not shift).",
-        f"- Layers: one rate per parameter tensor (`granularity='tensor'`, Lee et al.'s code), "
+        "the source sub-classes."),
+        ("- Output-level shift: labels y -> 9 - y on clean images. Layerwise surprise is not run "
+        "here (as in the paper: the inputs do not shift)."),
+        ("- Layers: one rate per parameter tensor (`granularity='tensor'`, Lee et al.'s code), "
         "BN parameters frozen; cross-validation fine-tunes each single "
         "one of the 5 blocks (contiguous runs of length 1, Lee et al.'s surgical fine-tuning; "
         "5 candidate runs, longer runs cost too much CPU) and keeps the best on target validation accuracy; module "
         "criticality measures the loss increase on 1000 source images after 0 or 2 epochs of "
         "full pre-tuning on the target (picked by target validation, Algorithm 4), all layers "
-        "kept (top-K = all, the paper's best).",
-        f"- Seeds {seeds}: each seed draws new target/validation/test examples, corruption noise "
-        "and training order. Accuracy in %, mean ± std over seeds.",
+        "kept (top-K = all, the paper's best)."),
+        (f"- Seeds {seeds}: each seed draws new target/validation/test examples, corruption noise "
+        "and training order. Accuracy in %, mean ± std over seeds."),
         "",
         "## Table 1",
         "",
@@ -361,8 +361,8 @@ def report(results, seeds, quick):
             lines += ["", f"![{shift} weights](auto_finetune_weights_{shift}.png)"]
     save_layer_weights({f"{s}/{k}": v for s, d in weights.items() for k, v in d.items()},
                        OUT / "auto_finetune_weights.json")
-    lines += ["", "Layer weights (seed 0; input-level: mean over corruptions) are in "
-              "`auto_finetune_weights.json` and the figures above (the paper's Figures 5, 8, 9)."]
+    lines += ["", ("Layer weights (seed 0; input-level: mean over corruptions) are in "
+              "`auto_finetune_weights.json` and the figures above (the paper's Figures 5, 8, 9).")]
     name = "auto_finetune_quick.md" if quick else "auto_finetune.md"
     (OUT / name).write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT / name}")
