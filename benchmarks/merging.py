@@ -9,6 +9,7 @@ Options: --quick (one seed pair, tiny subsets), --resnet-widths 1,2 --train-only
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -33,24 +34,26 @@ from neuralign.train import train  # noqa: E402
 CACHE = Path(os.environ.get("NEURALIGN_CACHE", "/tmp/neuralign_merging_cache"))
 OUT = ROOT / "docs" / "results"
 TS = [0.0, 0.5, 1.0]
+RESULTS = OUT / "merging.md"
 
 
 def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
-def configs(resnet_widths):
+def configs(resnet_widths, ln_lr=0.02):
     cfg = {"mlp": ("mlp", dict(in_features=196, width=512, depth=3), 0.05)}
     cfg["vgg11-bn"] = ("vgg11", dict(norm="bn", width=0.25, in_channels=1, image_size=14), 0.05)
     for w in resnet_widths:
         cfg[f"resnet20x{w}-bn"] = ("resnet20", dict(width=w, norm="bn", in_channels=1), 0.05)
-        cfg[f"resnet20x{w}-ln"] = ("resnet20", dict(width=w, norm="ln", in_channels=1), 0.02)
+        cfg[f"resnet20x{w}-ln"] = ("resnet20", dict(width=w, norm="ln", in_channels=1), ln_lr)
     return cfg
 
 
 def trained(key, cfg, seed, splits, epochs):
     name, kw, lr = cfg
-    path = CACHE / f"{key}_s{seed}_e{epochs}_n{len(splits.train)}.pt"
+    suffix = f"_lr{lr}" if key.endswith("-ln") and lr != 0.02 else ""
+    path = CACHE / f"{key}_s{seed}_e{epochs}_n{len(splits.train)}{suffix}.pt"
     torch.manual_seed(seed)
     model = get_model(name, num_classes=10, **kw)
     if path.exists():
@@ -106,6 +109,18 @@ def pair_results(a, b, fit_loader, test_loader, is_bn):
     return rows, curves
 
 
+def cached_results(name):
+    path = CACHE / f"results_{name}.json"
+    if not path.exists():
+        return []
+    return [{tuple(k.split("|")): v for k, v in r.items()} for r in json.loads(path.read_text())]
+
+
+def save_results(name, per):
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / f"results_{name}.json").write_text(json.dumps([{"|".join(k): v for k, v in r.items()} for r in per]))
+
+
 def fmt(vals, scale=1.0, nd=1):
     v = np.asarray(vals, dtype=float) * scale
     return f"{v.mean():.{nd}f} ± {v.std():.{nd}f}" if len(v) > 1 else f"{v.mean():.{nd}f}"
@@ -121,6 +136,8 @@ def main():
     ap.add_argument("--subset", type=int, default=4000)
     ap.add_argument("--only", default="")
     ap.add_argument("--no-paths", action="store_true")
+    ap.add_argument("--ln-lr", type=float, default=0.02)
+    ap.add_argument("--out", default="merging.md", help="results file name under docs/results")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.quick:
@@ -131,7 +148,7 @@ def main():
     fit = torch.utils.data.TensorDataset(*[t[:1000] for t in splits.train.tensors])
     fit_loader = make_loader(fit, batch_size=250)
     test_loader = make_loader(splits.test, batch_size=500)
-    cfgs = configs([int(w) for w in args.resnet_widths.split(",") if w])
+    cfgs = configs([int(w) for w in args.resnet_widths.split(",") if w], args.ln_lr)
     if args.only:
         cfgs = {k: v for k, v in cfgs.items() if k in args.only.split(",")}
     n_models = {k: 2 * args.pairs for k in cfgs}
@@ -146,24 +163,28 @@ def main():
              f"Scale: images average-pooled to 14×14; {len(splits.train)} training images (class-balanced subset), {args.epochs} epochs "
              "of SGD (momentum 0.9, cosine, wd 5e-4), test on 1,000 test images, BN reset / REPAIR / "
              "activation matching on 1,000 training images. VGG-11 at 1/4 width (16-128 channels) "
-             f"and ResNet-20 widths {args.resnet_widths} because of the 2-core CPU. "
+             f"and ResNet-20 widths {args.resnet_widths} (LN nets trained with lr {args.ln_lr}) because of the 2-core CPU. "
              f"{args.pairs} seed pairs (mean ± std). Barriers are computed on 3-point curves "
              "(t = 0, .5, 1: the midpoint): accuracy barrier = mean end-point accuracy - min accuracy "
              "(Frankle, survey Eq. 2, sign flipped), loss barrier both Eq. 2 and Eq. 7 (Entezari).", ""]
     lines += ["## Two-model merging: alignment × correction", "",
               "| model | alignment | correction | end-point acc % | midpoint acc % | acc barrier (pts) "
               "| loss barrier (Eq. 2) | loss barrier (Eq. 7) |", "|---|---|---|---|---|---|---|---|"]
+    tag = f"e{args.epochs}_n{args.subset}_p{args.pairs}_lnlr{args.ln_lr}"
+    global RESULTS
+    RESULTS = OUT / args.out
     for key in cfgs:
         is_bn = key.endswith("-bn")
-        per = []
-        for p in range(args.pairs):
+        per = cached_results(f"{key}_{tag}")
+        for p in range(len(per), args.pairs):
             a, b = models[key][2 * p], models[key][2 * p + 1]
             rows, curves = pair_results(a, b, fit_loader, test_loader, is_bn)
             per.append(rows)
             if p == 0:
-                plot_curves({f"{m} / {c}": cu for (m, c), cu in curves.items()}, OUT / f"merging_{key}.png",
+                plot_curves({f"{m} / {c}": cu for (m, c), cu in curves.items()}, OUT / f"merging_{key}{'' if args.ln_lr == 0.02 or not key.endswith('-ln') else '_lr' + str(args.ln_lr)}.png",
                             kind="accuracy", title=f"{key}: test accuracy along the path")
             log(f"{key} pair {p} done: " + ", ".join(f"{m}/{c} {r['mid_acc']:.3f}" for (m, c), r in rows.items()))
+            save_results(f"{key}_{tag}", per)
         for k in per[0]:
             vals = {f: [r[k][f] for r in per] for f in per[0][k]}
             lines.append(f"| {key} | {k[0]} | {k[1]} | {fmt(vals['end_acc'], 100)} | {fmt(vals['mid_acc'], 100)} | "
@@ -171,10 +192,10 @@ def main():
                          f"{fmt(vals['loss_barrier_entezari'], 1, 3)} |")
         _write(lines)
     if "vgg11-bn" in cfgs:
-        lines += _ot_section(models["vgg11-bn"], fit_loader, test_loader, args)
+        lines += _cached_lines(f"ot_{tag}", lambda: _ot_section(models["vgg11-bn"], fit_loader, test_loader, args))
         _write(lines)
     if "mlp" in cfgs and not args.no_paths:
-        lines += _paths_section(models["mlp"], splits, test_loader, args)
+        lines += _cached_lines(f"paths_{tag}", lambda: _paths_section(models["mlp"], splits, test_loader, args))
         _write(lines)
     log("done")
 
@@ -228,8 +249,18 @@ def _paths_section(mlps, splits, test_loader, args):
     return lines
 
 
+def _cached_lines(name, compute):
+    path = CACHE / f"lines_{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    lines = compute()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(lines))
+    return lines
+
+
 def _write(lines):
-    (OUT / "merging.md").write_text("\n".join(lines) + "\n")
+    RESULTS.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_layer_cka_matrix_against_permuted_copy(digits):
     x = torch.randn(2, 1, 8, 8)
     spec = spec_from_model(a, x)
     b = apply_permutation(a, random_permutation(spec, seed=3), spec)
-    m, la, lb = layer_cka(a, b, digits.loader("val", batch_size=100), layers_a=["1", "3", "5"],
+    m, la, _ = layer_cka(a, b, digits.loader("val", batch_size=100), layers_a=["1", "3", "5"],
                           layers_b=["1", "3", "5"], n_examples=150)
     assert m.shape == (3, 3) and la == ["1", "3", "5"]
     assert torch.allclose(torch.diag(m), torch.ones(3), atol=1e-5)

@@ -96,7 +96,7 @@ def test_reset_bn_recomputes_statistics():
 
 
 def _train_pair(norm, epochs=1):
-    from neuralign.align import weight_matching
+    from neuralign.align import activation_matching
     from neuralign.data import load_data
     from neuralign.train import train
 
@@ -106,18 +106,18 @@ def _train_pair(norm, epochs=1):
     for seed in (0, 1):
         torch.manual_seed(seed)
         m = get_model("resnet20", width=1, norm=norm, num_classes=10, in_channels=1)
-        train(m, loader, epochs=epochs, lr=0.05 if norm == "bn" else 0.02, progress=False, seed=seed)
+        train(m, loader, epochs=epochs, lr=0.05, progress=False, seed=seed)
         ms.append(m.eval())
     a, b = ms
     spec = spec_from_model(a, next(iter(loader))[0][:2])
-    b = apply_permutation(b, weight_matching(spec, a, b), spec)
+    b = apply_permutation(b, activation_matching(a, b, loader, spec=spec), spec)
     return a, b, s
 
 
 @pytest.mark.slow
 def test_repair_folds_and_lowers_midpoint_loss_resnet20_ln():
-    a, b, s = _train_pair("ln", epochs=2)
-    fit = [batch for i, batch in enumerate(s.loader("train", batch_size=128, shuffle=False)) if i < 6]
+    a, b, s = _train_pair("ln", epochs=3)
+    fit = s.loader("train", batch_size=128, shuffle=False)
     val = s.loader("val", batch_size=270)
     mid = interpolate(a, b, 0.5)
     plain = evaluate(reset_bn(mid, fit), val)["loss"]

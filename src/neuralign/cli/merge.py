@@ -39,8 +39,7 @@ def align_to_first(models, align, loader, seed=0):
     method = "corr" if align == "activation" else align
     out = [models[0]]
     for m in models[1:]:
-        example = None if loader is not None else None
-        aligned, _, _ = align_models(models[0], m, method, loader=loader, seed=seed, example_input=example)
+        aligned, _, _ = align_models(models[0], m, method, loader=loader, seed=seed)
         out.append(aligned.eval())
     return out
 

@@ -53,7 +53,7 @@ def default_layers(model: nn.Module) -> list[str]:
         names = block_names(model)
         if names:
             return list(names)
-    except Exception:  # noqa: BLE001 - models without the helper fall back to top-level children
+    except Exception:  # noqa: BLE001, S110 - models without the helper fall back to top-level children
         pass
     return [n for n, _ in model.named_children()]
 

@@ -8,6 +8,21 @@ from neuralign.merge.ot import FusionResult, ot_fusion
 from neuralign.merge.repair import repair
 from neuralign.merge.soups import SoupResult, greedy_soup, learned_soup
 
-__all__ = ["METHODS", "merge", "average", "interpolate", "reset_bn", "uniform_soup",
-           "fisher_diagonal", "fisher_merge", "MatchedAveragingResult", "matched_averaging",
-           "FusionResult", "ot_fusion", "repair", "SoupResult", "greedy_soup", "learned_soup"]
+__all__ = [
+           "METHODS",
+           "FusionResult",
+           "MatchedAveragingResult",
+           "SoupResult",
+           "average",
+           "fisher_diagonal",
+           "fisher_merge",
+           "greedy_soup",
+           "interpolate",
+           "learned_soup",
+           "matched_averaging",
+           "merge",
+           "ot_fusion",
+           "repair",
+           "reset_bn",
+           "uniform_soup",
+]

@@ -12,8 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from neuralign.errors import ArchitectureMismatchError
 

@@ -43,7 +43,7 @@ class MatchedAveragingResult:
 def _scatter_inputs(t: dict, assign_prev: torch.Tensor | None, g_prev: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit vectors in the global input basis and a mask of which entries this model has."""
     w = t["w"].double()
-    out, n_in, r = w.shape
+    out, _n_in, r = w.shape
     if assign_prev is None:
         ws, mask = w, torch.ones_like(w)
     else:

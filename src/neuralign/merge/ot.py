@@ -20,8 +20,20 @@ import torch
 from torch import nn
 
 from neuralign.errors import DataError, NeuralignError
-from neuralign.merge._chain import build_chain, chain_layers, layer_tensors, transport_cols, transport_rows
-from neuralign.merge._util import as_state_dict, check_finite, device_of, normalize_weights, split_batch
+from neuralign.merge._chain import (
+    build_chain,
+    chain_layers,
+    layer_tensors,
+    transport_cols,
+    transport_rows,
+)
+from neuralign.merge._util import (
+    as_state_dict,
+    check_finite,
+    device_of,
+    normalize_weights,
+    split_batch,
+)
 
 
 @dataclass

@@ -16,8 +16,10 @@ from neuralign.merge._util import (
     check_finite,
     check_same_architecture,
     device_of,
-    evaluate as _evaluate,
     split_batch,
+)
+from neuralign.merge._util import (
+    evaluate as _evaluate,
 )
 from neuralign.merge.basic import average, reset_bn
 from neuralign.utils import seed_everything

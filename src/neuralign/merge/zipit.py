@@ -75,7 +75,7 @@ def zipit(models, loader: Iterable, *, stop_at: int | None = None, within: bool 
     fa = _activations(a, probe, loader, n_samples) if k else []
     fb = _activations(b, probe, loader, n_samples) if k else []
     out, merges, unmerges = [], [], []
-    U_prev = None
+    U_prev, n_a_prev = None, 0
     for l in range(L):
         A, B = dict(ta[l]), dict(tb[l])
         n_a = A["w"].shape[0]
