@@ -131,3 +131,17 @@ def test_superlink_and_two_supernodes_run_fedpfn(tmp_path):
     assert hist["participants"] == {"1": 2, "2": 2} and hist["failures"] == {}
     assert hist["accuracy"][-1] > hist["accuracy"][0] + 0.2, hist["accuracy"]
     shutil.rmtree(home / "apps", ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("NEURALIGN_RAY_TESTS") != "1",
+                    reason="starts a Ray cluster (minutes on 2 cores); set NEURALIGN_RAY_TESTS=1")
+def test_simulation_engine_runs_the_same_apps():
+    pytest.importorskip("ray", reason="Flower's simulation engine needs ray")
+    from neuralign.federated import FedTask, run_federated
+
+    task = FedTask(dataset="digits", num_partitions=2, alpha=1.0, model="mlp",
+                   model_kwargs='{"width": 32, "depth": 1}', lr=0.1)
+    hist = run_federated(task, "fedpfn", 2, engine="simulation")
+    assert hist["finished"] and hist["participants"] == {"1": 2, "2": 2}
+    assert hist["accuracy"][-1] > hist["accuracy"][0] + 0.3

@@ -65,7 +65,8 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
         _with_run_config(server_app, client_app, cfg)
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=task.num_partitions,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": 2, "include_dashboard": False}})
         if not LAST_RESULT:
             raise NeuralignError("the Flower simulation finished without a result; see its log")
         return dict(LAST_RESULT)
@@ -73,21 +74,26 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
 
 
 def _with_run_config(server_app, client_app, cfg: dict) -> None:
-    """``run_simulation`` has no run-config argument: wrap both apps so their contexts see it."""
+    """``run_simulation`` has no run-config argument: wrap both apps so that they see ``cfg``
+    (through a copy of their ``Context``; Flower forbids modifying ``run_config`` in place)."""
+    from flwr.app import Context
+
+    def extended(context):
+        return Context(run_id=context.run_id, node_id=context.node_id,
+                       node_config=context.node_config, state=context.state,
+                       run_config={**dict(context.run_config), **cfg})
+
     main = server_app._main
 
     def server_main(grid, context):
-        context.run_config.update(cfg)
-        return main(grid, context)
+        return main(grid, extended(context))
 
     server_app._main = server_main
     funcs = client_app._registered_funcs
     for key, fn in list(funcs.items()):
         def wrapped(msg, context, fn=fn):
-            context.run_config.update(cfg)
-            return fn(msg, context)
+            return fn(msg, extended(context))
         funcs[key] = wrapped
-
 
 def _quiet_flower(verbose: bool) -> None:
     """Flower logs every round at INFO; keep warnings (client failures) unless verbose."""
