@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from neuralign.align import activation_matching, ste_matching, weight_matching
-from neuralign.data import load_data, make_loader
+from neuralign.data import load_data
 from neuralign.landscape import barrier
 from neuralign.merge import interpolate, reset_bn
 from neuralign.models import get_model
@@ -70,7 +70,7 @@ def _curve(a, b, test_loader, bn_loader, ts, bn_batches, ends):
 
 def run_arch(name, cfg, log):
     splits = load_data("fashion_mnist", seed=0, subset=cfg["subset"], test_subset=cfg["test"])
-    train_loader = lambda s: splits.loader("train", batch_size=128, shuffle=True, seed=s)  # noqa
+    train_loader = lambda s: splits.loader("train", batch_size=128, shuffle=True, seed=s)
     test_loader = splits.loader("test", batch_size=500)
     act_loader = [b for _, b in zip(range(cfg["act_batches"]), train_loader(99))]
     bn_loader = splits.loader("train", batch_size=128, shuffle=True, seed=7)

@@ -2,10 +2,16 @@
 
 import pytest
 import torch
-from torch import nn
 
-from neuralign.align import (activation_matching, align_many, align_models, sinkhorn_matching,
-                             ste_matching, weight_matching, weight_objective)
+from neuralign.align import (
+    activation_matching,
+    align_many,
+    align_models,
+    sinkhorn_matching,
+    ste_matching,
+    weight_matching,
+    weight_objective,
+)
 from neuralign.errors import ArchitectureMismatchError, DataError
 from neuralign.models import get_model
 from neuralign.permute import apply_permutation, random_permutation

@@ -10,7 +10,20 @@ from neuralign.align.weight import solve_lap, weight_matching, weight_objective
 from neuralign.permute import apply_permutation, random_permutation
 from neuralign.spec.core import Permutation
 
-__all__ = ["Permutation", "weight_matching", "weight_objective", "activation_matching",
-           "ste_matching", "sinkhorn_matching", "align_many", "align_to_mean", "align_models",
-           "random_permutation", "apply_permutation", "solve_lap", "ActivationStats", "METHODS",
-           "l2_distance"]
+__all__ = [
+           "METHODS",
+           "ActivationStats",
+           "Permutation",
+           "activation_matching",
+           "align_many",
+           "align_models",
+           "align_to_mean",
+           "apply_permutation",
+           "l2_distance",
+           "random_permutation",
+           "sinkhorn_matching",
+           "solve_lap",
+           "ste_matching",
+           "weight_matching",
+           "weight_objective",
+]

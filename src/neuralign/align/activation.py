@@ -10,13 +10,13 @@ import time
 import torch
 from torch import fx, nn
 
+from neuralign.align.weight import _State, check_same_architecture, solve_lap, weight_matching
 from neuralign.errors import DataError, SpecError
 from neuralign.spec import spec_from_model
 from neuralign.spec.core import Permutation, PermutationSpec, Probe
 from neuralign.spec.trace import trace_model
-from neuralign.align.weight import _State, check_same_architecture, solve_lap, weight_matching
 
-__all__ = ["activation_matching", "ActivationStats", "first_input"]
+__all__ = ["ActivationStats", "activation_matching", "first_input"]
 
 
 def first_input(batch):
@@ -76,7 +76,7 @@ class _Capture:
             have = {n.name for n in gm.graph.nodes}
             missing = node_names - have
             if missing:
-                raise SpecError(f"probe node {sorted(missing)[0]!r} is not in the traced model; "
+                raise SpecError(f"probe node {min(missing)!r} is not in the traced model; "
                                 "derive the spec from this model")
             self.runner = _Recorder(gm, node_names, self.sink)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-
 from torch import nn
 
 from neuralign.align.activation import activation_matching, first_input
@@ -14,7 +13,7 @@ from neuralign.permute import apply_permutation
 from neuralign.spec import spec_from_model
 from neuralign.spec.core import PermutationSpec
 
-__all__ = ["align_models", "METHODS", "example_input_for"]
+__all__ = ["METHODS", "align_models", "example_input_for"]
 
 METHODS = ("weight", "activation", "corr", "cov", "ste", "sinkhorn")
 

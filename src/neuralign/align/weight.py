@@ -15,7 +15,7 @@ from neuralign.permute import check_permutation, take_units, unit_matrix
 from neuralign.spec.core import Permutation, PermutationSpec
 from neuralign.utils import state_dict_of
 
-__all__ = ["weight_matching", "weight_objective", "solve_lap", "check_same_architecture"]
+__all__ = ["check_same_architecture", "solve_lap", "weight_matching", "weight_objective"]
 
 
 def solve_lap(score: torch.Tensor) -> torch.Tensor:

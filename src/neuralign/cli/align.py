@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
             options["max_batches"] = batches
         if method == "ste":
             options["max_steps"] = batches
-        aligned, perm, summary = align_models(
+        aligned, _, summary = align_models(
             model_a, model_b, method, loader=loader, seed=seed, example_input=example,
             max_iter=max_iter, restarts=restarts, **options)
         save_model(aligned, out, metadata={"aligned_to": a, "source": b, "method": method,

@@ -9,8 +9,17 @@ from neuralign.spec.attention import bert_spec, is_bert_like, is_torchvision_vit
 from neuralign.spec.core import Group, Permutation, PermutationSpec, Place, Probe
 from neuralign.spec.trace import trace_spec
 
-__all__ = ["spec_from_model", "PermutationSpec", "Group", "Place", "Probe", "Permutation",
-           "vit_spec", "bert_spec", "SpecError"]
+__all__ = [
+    "Group",
+    "Permutation",
+    "PermutationSpec",
+    "Place",
+    "Probe",
+    "SpecError",
+    "bert_spec",
+    "spec_from_model",
+    "vit_spec",
+]
 
 
 def spec_from_model(model: nn.Module, example_input=None) -> PermutationSpec:

@@ -123,7 +123,6 @@ class _Builder:
     def tensor_args(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if self.lay(a) is not None]
 
-    # node rules --------------------------------------------------------------------------
     def run(self) -> PermutationSpec:
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
@@ -235,11 +234,10 @@ class _Builder:
         gid, dim, outer, inner = lay
         ndim = len(self.shape(node) or ())
         first = ndim - len(m.normalized_shape)
-        if dim >= first:
-            if m.elementwise_affine:
-                self.place(gid, f"{name}.weight", dim - first, outer, inner)
-                if m.bias is not None:
-                    self.place(gid, f"{name}.bias", dim - first, outer, inner)
+        if dim >= first and m.elementwise_affine:
+            self.place(gid, f"{name}.weight", dim - first, outer, inner)
+            if m.bias is not None:
+                self.place(gid, f"{name}.bias", dim - first, outer, inner)
         self.layout[node.name] = lay
 
     def reshape(self, node: fx.Node, args, out_shape) -> None:
