@@ -90,9 +90,13 @@ def main():
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-rebasin", action="store_true")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the runs already in docs/results/alignment_speed.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
+    if args.append and (OUT / "alignment_speed.json").exists():
+        rows = json.loads((OUT / "alignment_speed.json").read_text())
     t_all = time.time()
     for arch in args.models.split(","):
         for seed in map(int, args.seeds.split(",")):
