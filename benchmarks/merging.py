@@ -21,15 +21,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from neuralign.align import activation_matching, weight_matching  # noqa: E402
-from neuralign.data import load_data, make_loader  # noqa: E402
-from neuralign.landscape import barrier, interpolation_curve  # noqa: E402
-from neuralign.merge import average, interpolate, ot_fusion, repair, reset_bn  # noqa: E402
-from neuralign.merge._util import evaluate  # noqa: E402
-from neuralign.models import get_model  # noqa: E402
-from neuralign.permute import apply_permutation  # noqa: E402
-from neuralign.spec import spec_from_model  # noqa: E402
-from neuralign.train import train  # noqa: E402
+from neuralign.align import activation_matching, weight_matching
+from neuralign.data import load_data, make_loader
+from neuralign.landscape import barrier, interpolation_curve
+from neuralign.merge import average, ot_fusion, repair, reset_bn
+from neuralign.merge._util import evaluate
+from neuralign.models import get_model
+from neuralign.permute import apply_permutation
+from neuralign.spec import spec_from_model
+from neuralign.train import train
 
 CACHE = Path(os.environ.get("NEURALIGN_CACHE", "/tmp/neuralign_merging_cache"))
 OUT = ROOT / "docs" / "results"
@@ -136,6 +136,7 @@ def main():
     ap.add_argument("--subset", type=int, default=4000)
     ap.add_argument("--only", default="")
     ap.add_argument("--no-paths", action="store_true")
+    ap.add_argument("--analysis", action="store_true", help="CKA / L2 / Kendall-tau / surface plots (MLP pair 0)")
     ap.add_argument("--ln-lr", type=float, default=0.02)
     ap.add_argument("--out", default="merging.md", help="results file name under docs/results")
     args = ap.parse_args()
@@ -170,12 +171,12 @@ def main():
     lines += ["## Two-model merging: alignment × correction", "",
               "| model | alignment | correction | end-point acc % | midpoint acc % | acc barrier (pts) "
               "| loss barrier (Eq. 2) | loss barrier (Eq. 7) |", "|---|---|---|---|---|---|---|---|"]
-    tag = f"e{args.epochs}_n{args.subset}_p{args.pairs}_lnlr{args.ln_lr}"
+    tag = f"e{args.epochs}_n{args.subset}_lnlr{args.ln_lr}"
     global RESULTS
     RESULTS = OUT / args.out
     for key in cfgs:
         is_bn = key.endswith("-bn")
-        per = cached_results(f"{key}_{tag}")
+        per = cached_results(f"{key}_{tag}")[: args.pairs]
         for p in range(len(per), args.pairs):
             a, b = models[key][2 * p], models[key][2 * p + 1]
             rows, curves = pair_results(a, b, fit_loader, test_loader, is_bn)
@@ -192,10 +193,13 @@ def main():
                          f"{fmt(vals['loss_barrier_entezari'], 1, 3)} |")
         _write(lines)
     if "vgg11-bn" in cfgs:
-        lines += _cached_lines(f"ot_{tag}", lambda: _ot_section(models["vgg11-bn"], fit_loader, test_loader, args))
+        lines += _cached_lines(f"ot_{tag}_p{args.pairs}", lambda: _ot_section(models["vgg11-bn"], fit_loader, test_loader, args))
+        _write(lines)
+    if "mlp" in cfgs and args.analysis:
+        lines += _analysis_section(models["mlp"], fit_loader, test_loader)
         _write(lines)
     if "mlp" in cfgs and not args.no_paths:
-        lines += _cached_lines(f"paths_{tag}", lambda: _paths_section(models["mlp"], splits, test_loader, args))
+        lines += _cached_lines(f"paths_{tag}_p{args.pairs}", lambda: _paths_section(models["mlp"], splits, test_loader, args))
         _write(lines)
     log("done")
 
@@ -246,6 +250,38 @@ def _paths_section(mlps, splits, test_loader, args):
     for k, v in res.items():
         lines.append(f"| {k} | {fmt([x[0] for x in v], 1, 3)} | {fmt(base, 1, 3)} | {fmt([x[1] for x in v], 1, 3)} |")
     log("paths done")
+    return lines
+
+
+def _analysis_section(mlps, fit_loader, test_loader):
+    from neuralign.align import weight_matching as wm
+    from neuralign.landscape import kendall_tau_distance, layer_cka, per_block_l2, plane_surface
+    from neuralign.landscape.plots import plot_cka, plot_surface
+
+    a, b = mlps[0], mlps[1]
+    spec = spec_from_model(a, next(iter(fit_loader))[0][:2])
+    perm = wm(spec, a, b, seed=0)
+    bb = apply_permutation(b, perm, spec)
+    layers = ["layer1", "layer2", "layer3", "classifier"]
+    lines = ["", "## Analysis of MLP pair 0 (seeds 0 and 1): before / after weight matching", "",
+             "| block | L2 distance (naive) | L2 distance (aligned) | CKA (naive) | CKA (aligned) |",
+             "|---|---|---|---|---|"]
+    d0, d1 = per_block_l2(a, b, layers), per_block_l2(a, bb, layers)
+    c0, _, _ = layer_cka(a, b, test_loader, layers_a=layers, layers_b=layers, n_examples=500)
+    c1, _, _ = layer_cka(a, bb, test_loader, layers_a=layers, layers_b=layers, n_examples=500)
+    for i, n in enumerate(layers):
+        lines.append(f"| {n} | {d0[n]:.2f} | {d1[n]:.2f} | {float(c0[i, i]):.3f} | {float(c1[i, i]):.3f} |")
+    kt = kendall_tau_distance(perm)
+    lines += ["", "Kendall-tau distance of the weight-matching permutation to the identity: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in kt.items()) + " (0.5 = unrelated order).", "",
+              "CKA is invariant to unit permutations, so its diagonal is the same before and after "
+              "alignment; the L2 distance is not. Plots: `merging_mlp_cka.png` (layer × layer CKA), "
+              "`merging_mlp_plane.png` (test loss on the plane through A, B and aligned B)."]
+    plot_cka(c0, layers, layers, OUT / "merging_mlp_cka.png", title="linear CKA, MLP seed 0 vs seed 1")
+    surf = plane_surface(a, b, bb, test_loader, steps=9)
+    surf.points = {"A": surf.points["A"], "B": surf.points["B"], "B aligned": surf.points["C"]}
+    plot_surface(surf, OUT / "merging_mlp_plane.png", title="test loss: A, B, B aligned to A")
+    log("analysis done")
     return lines
 
 
