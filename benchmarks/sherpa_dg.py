@@ -57,7 +57,7 @@ LABELS = {
     "anchor_a1": "(anchor A=1 itself)",
     "anchor_a6": "(anchor soup A=6 itself)",
 }
-DEFAULT_METHODS = "erm,lp,lpft,ens,rp,sh_new_a1,sh_new_a6,sh_anc_a1,sh_anc_a6,sh_lam_a1,sh_sel_a1"
+DEFAULT_METHODS = "erm,erm2x,lp,lpft,ens,rp,sh_new_a1,sh_new_a6,sh_anc_a1,sh_anc_a6,sh_lam_a1,sh_sel_a1"
 
 
 def materialize(ds) -> TensorDataset:
@@ -119,9 +119,9 @@ def run(args) -> dict:
     targets = args.targets.split(",") if args.targets else names
     M, B = backbones(args)
     ft = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, select="best_val",
-              progress=False, weight_decay=args.weight_decay)
+              progress=False, weight_decay=args.weight_decay, reset_head=True)  # new label set
     out = {"config": vars(args), "domains": names, "results": {}, "analysis": {}}
-    json_path = Path(args.out + ".json")
+    json_path = Path(args.out + (f".part{args.part}" if args.part is not None else "") + ".json")
     need_anchor = any(m.startswith("sh_") for m in methods)
     n_anchor = args.n_anchors if any(m.endswith("a6") for m in methods) else 1
     for target in targets:
@@ -144,7 +144,8 @@ def run(args) -> dict:
             b_start = replace_head(B, k, seed=100)
             for i in range(n_anchor):
                 t0 = time.perf_counter()
-                anchors.append(finetune(b_start, tr, strategy="full", seed=100 + i, **run_kw).model)
+                kw = {**run_kw, "reset_head": False}
+                anchors.append(finetune(b_start, tr, strategy="full", seed=100 + i, **kw).model)
                 if i == 0:
                     record("anchor_a1", 0, anchors[0], t0)
             a6 = soup(anchors)
@@ -279,7 +280,7 @@ def _setup_text(cfg):
         f"Model `{cfg['arch']}` (width {cfg['width']}); every method: SGD momentum 0.9, lr {cfg['lr']} "
         f"(LP: 10x), cosine schedule, batch {cfg['batch_size']}, {cfg['epochs']} epochs (LP-FT: "
         f"{max(1, cfg['epochs'] // 3)} LP epochs + {cfg['epochs']} FT epochs), weight decay {cfg['weight_decay']}, "
-        f"{cfg['seeds']} seeds (head init + data order). Anchors: B fine-tuned on the sources like ERM "
+        f"{cfg['seeds']} seeds (head init + data order); every method starts from a fresh head (new label set). Anchors: B fine-tuned on the sources like ERM "
         f"(one shared head initialisation, data-order seeds 100..{99 + cfg['n_anchors']}); A=6 is their uniform weight soup. SHERPA aligns by activation "
         f"correlation (Eq. 1) on {cfg['align_batches']} source batches. Random perm.: a different random "
         "permutation per seed. CPU-scaled (2 shared cores): tiny model, small domains, few epochs; the "
@@ -369,6 +370,8 @@ def parse(argv=None):
     p.add_argument("--no-contours", action="store_true")
     p.add_argument("--contour-steps", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (targets split among them)")
+    p.add_argument("--part", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache", default="/tmp/neuralign_sherpa_dg_cache")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "sherpa_dg"))
     p.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
@@ -379,19 +382,55 @@ def parse(argv=None):
     return args
 
 
+def _merge(out: dict, other: dict) -> None:
+    for key, per_target in other["results"].items():
+        mine = out["results"].setdefault(key, {})
+        mine.update({t: v for t, v in per_target.items() if t not in mine})
+    for key, entry in other.get("analysis", {}).items():
+        out["analysis"].setdefault(key, entry)
+
+
+def _run_jobs(args, argv) -> dict:
+    """Run the targets in ``args.jobs`` processes (one thread each) and merge their JSON."""
+    import subprocess
+
+    targets = args.targets.split(",") if args.targets else domains_and_splits(args)[0]
+    chunks = [targets[i :: args.jobs] for i in range(args.jobs)]
+    base = [a for a in argv if a != "--jobs" and not a.startswith("--jobs=")]
+    base = [a for i, a in enumerate(base) if i == 0 or base[i - 1] != "--jobs"]
+    procs = [subprocess.Popen([sys.executable, __file__, *base, "--jobs", "1", "--part", str(i),
+                               "--targets", ",".join(c)]) for i, c in enumerate(chunks) if c]
+    if any(p.wait() != 0 for p in procs):
+        raise SystemExit("a worker process failed")
+    out = None
+    for i in range(len(procs)):
+        part = Path(f"{args.out}.part{i}.json")
+        other = json.loads(part.read_text())
+        if out is None:
+            out = other
+            out["domains"] = [t for t in other["domains"] if t in targets]
+        else:
+            _merge(out, other)
+        part.unlink()
+    out["config"]["argv"] = " ".join(argv)
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     if args.report_only:
         out = json.loads(Path(args.out + ".json").read_text())
         for extra in args.merge:
             other = json.loads(Path(extra).read_text())
-            for key, per_target in other["results"].items():
-                out["results"].setdefault(key, per_target)
+            _merge(out, other)
             out.setdefault("merged", []).append({"file": Path(extra).name, "argv": other["config"].get("argv", "")})
     else:
         t0 = time.perf_counter()
-        out = run(args)
+        argv = list(argv if argv is not None else sys.argv[1:])
+        out = _run_jobs(args, argv) if args.jobs > 1 else run(args)
         out["seconds"] = time.perf_counter() - t0
+        if args.part is not None:
+            return out
         Path(args.out + ".json").write_text(json.dumps(out, indent=1, default=str))
     report(out, args.out)
     print(f"wrote {args.out}.md", flush=True)

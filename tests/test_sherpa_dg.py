@@ -101,6 +101,8 @@ def test_benchmark_domainbed_path_runs_with_torchvision_resnet50(tmp_path):
             "none",
             "--threads",
             "1",
+            "--jobs",
+            "1",
             "--out",
             str(out),
         ]

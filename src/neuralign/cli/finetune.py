@@ -87,6 +87,10 @@ def register(app: typer.Typer) -> None:
         data_root: str = typer.Option(None, help="folder of Fashion-MNIST files"),
         subset: int = typer.Option(None, help="class-balanced training subset (plain data)"),
         device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: where the model is)"),
+        reset_head: bool = typer.Option(
+            False, "--reset-head", help="always start from a fresh head (a new label set with "
+            "the same number of classes)"
+        ),
         out: str = typer.Option(None, help="where to write the fine-tuned .safetensors"),
         list_strategies: bool = typer.Option(
             False, "--list-strategies", help="list the strategies and their options"
@@ -162,6 +166,7 @@ def register(app: typer.Typer) -> None:
             weight_decay=weight_decay,
             schedule=schedule,
             select=select,
+            reset_head=True if reset_head else None,
             **options,
         )
         ev_id = evaluate(res.model, val_set, device=device)
