@@ -144,17 +144,19 @@ def test_matched_average_of_permuted_copies_is_functionally_the_same_model():
     sd2 = dict(sd, **{"0.weight": sd["0.weight"][p], "0.bias": sd["0.bias"][p],
                       "2.weight": sd["2.weight"][:, p]})
     layers = ["0", "2"]
-    new, glob = matched_average_step([sd, sd2], [1.0, 3.0], layers, 0)
-    assert glob["0.weight"].shape == (16, 5)
-    final, _ = matched_average_step(new, [1.0, 3.0], layers, 1)
-    merged = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 4))
-    merged.load_state_dict(final[0])
     x = torch.randn(8, 5)
-    assert torch.allclose(merged(x), net(x), atol=1e-5)
+    for template in (None, net):  # own matcher, then neuralign.merge.matched_averaging
+        new, glob = matched_average_step([sd, sd2], [1.0, 3.0], layers, 0, template=template)
+        assert glob["0.weight"].shape == (16, 5)
+        final, _ = matched_average_step(new, [1.0, 3.0], layers, 1, template=template)
+        merged = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 4))
+        merged.load_state_dict(final[0])
+        assert torch.allclose(merged(x), net(x), atol=1e-5)
 
 
-def test_fedma_end_to_end_learns():
-    h = run_federated(TASK, "fedma", rounds=2, fedma_max_growth=1.25)
+@pytest.mark.parametrize("matcher", ["merge", "own"])
+def test_fedma_end_to_end_learns(matcher):
+    h = run_federated(TASK, "fedma", rounds=2, fedma_max_growth=1.25, fedma_matcher=matcher)
     assert h["finished"] and h["global_widths"]["layer1.0"] >= 32
     assert h["global_widths"]["layer1.0"] <= 40
     assert h["accuracy"][-1] > h["accuracy"][0] + 0.3

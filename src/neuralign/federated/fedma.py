@@ -39,6 +39,7 @@ class FedMAConfig:
     threshold: float = 1.0
     max_growth: float = 1.5
     iters: int = 3
+    matcher: str = "merge"  # "merge": neuralign.merge.matched_averaging; "own": match_layer
     failures: dict = dataclasses.field(default_factory=dict)
     participants: dict = dataclasses.field(default_factory=dict)
 
@@ -165,11 +166,40 @@ def _scatter_inputs(W: torch.Tensor, a: torch.Tensor, g: int) -> torch.Tensor:
     return out.reshape(W.shape[0], g * s, *W.shape[2:])
 
 
+def _merge_matcher(sds, weights, layers, l, template, max_width, iters):
+    """Layer ``l`` via :func:`neuralign.merge.matched_averaging` (the shared FedMA matcher).
+
+    It matches the whole chain; layers ``< l`` are identical on every client, so they come back
+    as one (possibly re-ordered, functionally equal) copy, which every client adopts with the
+    newly matched layer ``l``. Returns the global tensors of layers ``<= l`` and the clients'
+    assignments of layer ``l``."""
+    from neuralign.merge import matched_averaging
+
+    models = []
+    for sd in sds:
+        m = resize_like(copy.deepcopy(template), sd)
+        m.load_state_dict(sd)
+        models.append(m)
+    caps = [None] * (len(layers) - 1)
+    caps[l] = max_width
+    res = matched_averaging(models, weights=weights, max_width=caps, n_iter=iters)
+    if res.layer_names != list(layers):
+        raise ArchitectureMismatchError(f"matched_averaging sees layers {res.layer_names}, "
+                                        f"FedMA {layers}")
+    gsd = res.model.state_dict()
+    glob = {f"{layers[k]}.{p}": gsd[f"{layers[k]}.{p}"].detach().clone()
+            for k in range(l + 1) for p in ("weight", "bias") if f"{layers[k]}.{p}" in gsd}
+    return glob, [a[l] for a in res.assignments], res.widths[l]
+
+
 def matched_average_step(sds: list[dict], weights: list[float], layers: list[str], l: int, *,
-                         threshold: float = 1.0, max_width: int | None = None, iters: int = 3
-                         ) -> tuple[list[dict], dict]:
+                         threshold: float = 1.0, max_width: int | None = None, iters: int = 3,
+                         template: nn.Module | None = None) -> tuple[list[dict], dict]:
     """Match layer ``l`` across the clients' state dicts; return the clients' new state dicts
-    (layer ``l`` global, layer ``l+1`` inputs in global order) and the global layer's tensors."""
+    (layer ``l`` global, layer ``l+1`` inputs in global order) and the global layer's tensors.
+
+    With ``template`` (a model of the clients' architecture) the matching is done by the shared
+    :func:`neuralign.merge.matched_averaging`; without it by :func:`match_layer` here."""
     name = layers[l]
     has_bias = f"{name}.bias" in sds[0]
     if l == len(layers) - 1:  # last layer: average each input column over clients having it
@@ -182,13 +212,18 @@ def matched_average_step(sds: list[dict], weights: list[float], layers: list[str
             b = torch.stack([sd[f"{name}.bias"].double() for sd in sds])
             out[f"{name}.bias"] = ((b * ww[:, :, 0]).sum(0) / ww.sum()).float()
         return [dict(sd, **out) for sd in sds], out
-    feats = [_layer_features(sd, name) for sd in sds]
-    G, assign = match_layer(feats, weights, threshold=threshold, max_width=max_width, iters=iters)
-    g = G.shape[0]
-    shape = sds[0][f"{name}.weight"].shape
-    glob = {f"{name}.weight": G[:, : int(np.prod(shape[1:]))].reshape(g, *shape[1:]).contiguous()}
-    if has_bias:
-        glob[f"{name}.bias"] = G[:, -1].contiguous()
+    if template is not None:
+        glob, assign, g = _merge_matcher(sds, weights, layers, l, template, max_width, iters)
+    else:
+        feats = [_layer_features(sd, name) for sd in sds]
+        G, assign = match_layer(feats, weights, threshold=threshold, max_width=max_width,
+                                iters=iters)
+        g = G.shape[0]
+        shape = sds[0][f"{name}.weight"].shape
+        glob = {f"{name}.weight": G[:, : int(np.prod(shape[1:]))].reshape(g, *shape[1:])
+                .contiguous()}
+        if has_bias:
+            glob[f"{name}.bias"] = G[:, -1].contiguous()
     nxt = layers[l + 1]
     new = []
     for sd, a in zip(sds, assign):
@@ -240,7 +275,8 @@ def run_fedma(grid, task, model, cfg: FedMAConfig, rounds: int, train_config, ev
         weights = [float(m.content["metrics"]["num-examples"]) for m in replies]
         cap = int(math.ceil(cfg.max_growth * base_width[layers[l]]))
         new, glob = matched_average_step(sds, weights, layers, l, threshold=cfg.threshold,
-                                         max_width=cap, iters=cfg.iters)
+                                         max_width=cap, iters=cfg.iters,
+                                         template=model if cfg.matcher == "merge" else None)
         client_sds = dict(zip(ids, new))  # failed clients sit out the rest of this pass
         hist["widths"][str(r)] = int(glob[f"{layers[l]}.weight"].shape[0])
         acc, loss = float("nan"), float("nan")

@@ -27,7 +27,8 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
                   fraction: float = 1.0, min_clients: int | None = None,
                   proximal_mu: float = 0.01, anchor_ratio: float = 0.4,
                   anchor_seed: int | None = None, fedma_threshold: float | None = None,
-                  fedma_max_growth: float | None = None, save_model: str | None = None,
+                  fedma_max_growth: float | None = None, fedma_matcher: str | None = None,
+                  save_model: str | None = None,
                   verbose: bool = False, **task_kwargs) -> dict:
     """Run ``rounds`` rounds of ``strategy`` with ``task.num_partitions`` clients.
 
@@ -43,7 +44,7 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
                            proximal_mu=proximal_mu, anchor_ratio=anchor_ratio,
                            anchor_seed=anchor_seed if anchor_seed is not None else task.seed,
                            fedma_threshold=fedma_threshold, fedma_max_growth=fedma_max_growth,
-                           save_model=save_model)
+                           fedma_matcher=fedma_matcher, save_model=save_model)
     from neuralign.federated.client import make_client_app
     from neuralign.federated.server import LAST_RESULT, make_server_app, run_server
 

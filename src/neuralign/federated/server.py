@@ -63,6 +63,11 @@ def run_server(grid, run_config: dict) -> dict:
 
         strategy.threshold = float(run_config.get("fedma-threshold", strategy.threshold))
         strategy.max_growth = float(run_config.get("fedma-max-growth", strategy.max_growth))
+        strategy.matcher = str(run_config.get("fedma-matcher", strategy.matcher))
+        if strategy.matcher not in ("merge", "own"):
+            from neuralign.errors import NeuralignError
+
+            raise NeuralignError(f"fedma-matcher must be 'merge' or 'own', got {strategy.matcher!r}")
         hist = run_fedma(grid, task, model, strategy, rounds, train_config, evaluate_fn, timeout)
     else:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
