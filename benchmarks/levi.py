@@ -25,15 +25,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from neuralign.data import load_fashion_mnist_arrays  # noqa: E402
-from neuralign.data.core import make_loader  # noqa: E402
-from neuralign.data.spurious import levi_spurious_benchmark  # noqa: E402
-from neuralign.finetune import finetune  # noqa: E402
-from neuralign.finetune.basic import OutputEnsemble, interpolate_state, top_half_blocks  # noqa: E402
-from neuralign.finetune.levi_strategies import (  # noqa: E402
-    calibrated_ensemble, efficiency_report)
-from neuralign.models import get_head_name, get_model  # noqa: E402
-from neuralign.train import evaluate, train  # noqa: E402
+from neuralign.data import load_fashion_mnist_arrays
+from neuralign.data.core import make_loader
+from neuralign.data.spurious import levi_spurious_benchmark
+from neuralign.finetune import finetune
+from neuralign.finetune.basic import OutputEnsemble, interpolate_state, top_half_blocks
+from neuralign.finetune.levi_strategies import calibrated_ensemble, efficiency_report
+from neuralign.models import get_head_name, get_model
+from neuralign.train import evaluate, train
 
 MAIN_ROWS = ["FT", "HT", "LP", "FS", "LP-FT", "FT+RobustModel", "FT+ZeroShot", "FT+FS",
              "LEVI (frozen)", "LEVI (half)", "LEVI (LoRA)", "A1", "A2", "A3", "A4", "A5"]
@@ -152,7 +151,7 @@ def pretrain(data, args, k):
 def load_images():
     arr = load_fashion_mnist_arrays()
     mean, std = 0.2860, 0.3530
-    to = lambda a: torch.from_numpy((a.astype(np.float32) / 255.0 - mean) / std).unsqueeze(1)  # noqa
+    to = lambda a: torch.from_numpy((a.astype(np.float32) / 255.0 - mean) / std).unsqueeze(1)
     return (to(arr["train_images"]), torch.from_numpy(arr["train_labels"].astype(np.int64)),
             to(arr["test_images"]), torch.from_numpy(arr["test_labels"].astype(np.int64)))
 
@@ -230,7 +229,7 @@ BASELINES = ["FT", "HT", "LP", "FS", "LP-FT", "FT+RobustModel", "FT+ZeroShot", "
 def claim_check(per_seed):
     """The paper's claim, checked on this variant: LEVI's OOD vs FT and every baseline."""
     names = per_seed[0].keys()
-    mean = lambda n, k: float(np.mean([s[n][k] for s in per_seed]))  # noqa: E731
+    mean = lambda n, k: float(np.mean([s[n][k] for s in per_seed]))
     base = [b for b in BASELINES if b in names]
     best_b = max(base, key=lambda n: mean(n, "ood"))
     out = ["Claim check (computed from the table above):", ""]

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from neuralign.errors import CheckpointError, NeuralignError
 from neuralign.finetune import finetune
-from neuralign.finetune.levi import LEVI, combine_heads, default_taps, levi_loss, pool_features
+from neuralign.finetune.levi import LEVI, default_taps, levi_loss, pool_features
 from neuralign.finetune.levi_io import load_levi, save_levi
 from neuralign.finetune.levi_small import CNN4
 from neuralign.finetune.levi_strategies import efficiency_report, fit_temperature, reinitialize
@@ -40,7 +40,7 @@ def test_appendix_b_linear_example():
     # the paper's weights: fine-tuned [1,1,1,1,1], from scratch [0,0,1,1,1]
     assert torch.allclose(w_ft, torch.ones(5), atol=1e-3)
     assert torch.allclose(w_fs, torch.tensor([0.0, 0, 1, 1, 1]), atol=1e-3)
-    spurious = lambda w: [bool(abs(w[0]) > 0.1), bool(abs(w[4]) > 0.1)]  # noqa: E731
+    spurious = lambda w: [bool(abs(w[0]) > 0.1), bool(abs(w[4]) > 0.1)]
     assert spurious(w_ft) == [True, True]      # fine-tuned: both spurious features
     assert spurious(w_pre) == [True, False]    # pre-trained: x1 only
     assert spurious(w_fs) == [False, True]     # from scratch: x5 only
@@ -49,7 +49,7 @@ def test_appendix_b_linear_example():
     t = torch.tensor([1.0, -1, -1, 1])
     xt = torch.stack([s1, torch.zeros(4), t, torch.zeros(4), s5], 1)
     assert float((s1 * t).sum()) == 0 and float((s5 * t).sum()) == 0
-    mse = lambda w: float(((xt @ w - t) ** 2).mean())  # noqa: E731
+    mse = lambda w: float(((xt @ w - t) ** 2).mean())
     assert mse(torch.tensor([0.0, 1, 1, 1, 0])) == 0
     assert mse(w_ft) > mse(w_pre) + 0.5 and mse(w_ft) > mse(w_fs) + 0.5
     # an ensemble of the two different views beats both (LEVI's premise)

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from neuralign.data.spurious import (
-    add_cue, cue_labels, cue_patterns, levi_spurious_benchmark, spurious_split)
+    add_cue,
+    cue_labels,
+    cue_patterns,
+    levi_spurious_benchmark,
+    spurious_split,
+)
 from neuralign.errors import DataError
 
 
@@ -61,8 +66,8 @@ def test_benchmark_sets():
                                 rho_pre=1.0, rho_ft=1.0)
     assert [len(d[k]) for k in ("pretrain", "finetune", "val", "id_test", "ood_test")] == \
         [300, 100, 50, 200, 200]
-    top = lambda ds: ds.tensors[0][:, 0, :3]    # noqa: E731  barcode rows
-    bottom = lambda ds: ds.tensors[0][:, 0, -4:]  # noqa: E731  patch rows
+    top = lambda ds: ds.tensors[0][:, 0, :3]
+    bottom = lambda ds: ds.tensors[0][:, 0, -4:]
     # pre-training carries the barcode; fine-tuning does not (the raw image there is < 1)
     assert (top(d["pretrain"]) == xtr.max()).float().mean() > 0.3
     assert (top(d["finetune"]) == xtr.max()).float().mean() < 0.05

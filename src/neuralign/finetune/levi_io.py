@@ -92,7 +92,7 @@ def load_levi(path, *, large: nn.Module | None = None, small: nn.Module | None =
         small = _rebuild(side["small"], "small")
     taps = side.get("taps") or None
     if taps:
-        taps = [t[len("base_model.model."):] if t.startswith("base_model.model.") else t
+        taps = [t.removeprefix("base_model.model.")
                 for t in taps]
     model = LEVI(large if side.get("has_large") else None,
                  small if side.get("has_small") else None, taps=taps, **cfg)
