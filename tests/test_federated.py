@@ -168,3 +168,10 @@ def test_fedma_end_to_end_learns(matcher):
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(NeuralignError, match="unknown strategy"):
         run_federated(TASK, "fedsgd", rounds=1)
+
+
+def test_fedma_round_with_a_crashing_client_completes():
+    h = run_federated(TASK, "fedma", rounds=2, fail_partitions="2")
+    assert h["finished"] and h["participants"] == {"1": 2, "2": 2}
+    assert set(h["failures"]) == {"1"}  # it then sits out the rest of the pass (round 2)
+    assert h["accuracy"][-1] > h["accuracy"][0] + 0.3
