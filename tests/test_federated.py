@@ -175,3 +175,10 @@ def test_fedma_round_with_a_crashing_client_completes():
     assert h["finished"] and h["participants"] == {"1": 2, "2": 2}
     assert set(h["failures"]) == {"1"}  # it then sits out the rest of the pass (round 2)
     assert h["accuracy"][-1] > h["accuracy"][0] + 0.3
+
+
+def test_round_with_too_few_results_is_skipped_and_reported():
+    h = run_federated(TASK, "fedpfn", rounds=1, fail_partitions="0,1", min_replies=2)
+    assert h["participants"] == {"1": 1}
+    assert any("round skipped" in n for n in h["failures"]["1"])
+    assert h["accuracy"][1] == h["accuracy"][0]  # the global model was kept

@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="seed of the model, partition and data order"),
         fraction: float = typer.Option(1.0, help="fraction of clients sampled per round"),
         min_clients: int = typer.Option(0, help="minimum clients per round (0: fraction*clients)"),
+        min_replies: int = typer.Option(1, help="minimum results a round needs (else skipped)"),
         proximal_mu: float = typer.Option(0.01, help="FedProx proximal weight"),
         anchor_ratio: float = typer.Option(0.4, help="FedPFN / FedPNU mask ratio rho"),
         engine: str = typer.Option("inprocess", help="inprocess (no Ray) or simulation (Flower's "
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
                        num_partitions=clients, alpha=alpha, model=model,
                        model_kwargs=json.dumps(parse_options(model_option)), seed=seed,
                        batch_size=batch_size, local_epochs=local_epochs, lr=lr)
-        options = dict(fraction=fraction, min_clients=min_clients or None,
+        options = dict(fraction=fraction, min_clients=min_clients or None, min_replies=min_replies,
                        proximal_mu=proximal_mu, anchor_ratio=anchor_ratio, anchor_seed=seed)
         if write_app:
             from neuralign.federated.deploy import write_flower_app
@@ -71,7 +72,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"final accuracy {hist['final_accuracy']:.4f}, best "
                       f"{hist['best_accuracy']:.4f} ({hist['seconds']:.1f} s)")
         for r, notes in hist["failures"].items():
-            console.print(f"[yellow]round {r}: {len(notes)} client(s) failed[/]: " + "; ".join(notes))
+            console.print(f"[yellow]round {r}: {len(notes)} client(s) failed[/]: "
+                          + "; ".join(notes))
         if out:
             from pathlib import Path
 

@@ -35,6 +35,7 @@ from neuralign.errors import ArchitectureMismatchError, NeuralignError
 @dataclasses.dataclass
 class FedMAConfig:
     min_clients: int = 2
+    min_replies: int = 1
     fraction: float = 1.0
     threshold: float = 1.0
     max_growth: float = 1.5
@@ -268,8 +269,9 @@ def run_fedma(grid, task, model, cfg: FedMAConfig, rounds: int, train_config, ev
         msgs = rep._record_sent(r, msgs)
         replies = [m for m in rep._record_replies(r, grid.send_and_receive(msgs, timeout=timeout))
                    if not m.has_error()]
-        if not replies:
-            raise NeuralignError(f"FedMA round {r}: every client failed")
+        if len(replies) < max(cfg.min_replies, 1):
+            raise NeuralignError(f"FedMA round {r}: {len(replies)} client(s) answered, fewer "
+                                 f"than min_replies={cfg.min_replies}")
         ids = [m.metadata.src_node_id for m in replies]
         sds = [m.content["arrays"].to_torch_state_dict() for m in replies]
         weights = [float(m.content["metrics"]["num-examples"]) for m in replies]

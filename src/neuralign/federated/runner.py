@@ -24,7 +24,7 @@ def build_run_config(task: FedTask, strategy: str, rounds: int, **options) -> di
 
 def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds: int = 3, *,
                   engine: str = "inprocess", client_timeout: float | None = None,
-                  fraction: float = 1.0, min_clients: int | None = None,
+                  fraction: float = 1.0, min_clients: int | None = None, min_replies: int = 1,
                   proximal_mu: float = 0.01, anchor_ratio: float = 0.4,
                   anchor_seed: int | None = None, fedma_threshold: float | None = None,
                   fedma_max_growth: float | None = None, fedma_matcher: str | None = None,
@@ -41,6 +41,7 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
     if task_kwargs:
         task = dataclasses.replace(task, **task_kwargs)
     cfg = build_run_config(task, strategy, rounds, fraction=fraction, min_clients=min_clients,
+                           min_replies=min_replies,
                            proximal_mu=proximal_mu, anchor_ratio=anchor_ratio,
                            anchor_seed=anchor_seed if anchor_seed is not None else task.seed,
                            fedma_threshold=fedma_threshold, fedma_max_growth=fedma_max_growth,

@@ -2,9 +2,10 @@
 
 Run config keys read by the ServerApp (besides the ``task.*`` keys of :class:`FedTask`):
 ``strategy`` (fedavg | fedprox | fedpfn | fedpnu | fedma), ``num-rounds``, ``fraction``,
-``min-clients``, ``proximal-mu``, ``anchor-ratio``, ``anchor-seed``, ``round-timeout``
+``min-clients``, ``min-replies`` (fewer results skip the round),
+``proximal-mu``, ``anchor-ratio``, ``anchor-seed``, ``round-timeout``
 (seconds a round waits for replies), ``save-model`` (a .safetensors path for the final global
-model), and FedMA's ``fedma-threshold`` / ``fedma-max-growth``.
+model), and FedMA's ``fedma-threshold`` / ``fedma-max-growth`` / ``fedma-matcher``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def run_server(grid, run_config: dict) -> dict:
     t0 = time.time()
     strategy = make_strategy(
         name, num_clients=task.num_partitions, fraction=float(run_config.get("fraction", 1.0)),
-        min_clients=min_clients, proximal_mu=float(run_config.get("proximal-mu", 0.01)),
+        min_clients=min_clients, min_replies=int(run_config.get("min-replies", 1)),
+        proximal_mu=float(run_config.get("proximal-mu", 0.01)),
         anchor_ratio=float(run_config.get("anchor-ratio", 0.4)),
         anchor_seed=int(run_config.get("anchor-seed", task.seed)), model=model)
     evaluate_fn = central_evaluator(task)
@@ -67,7 +69,8 @@ def run_server(grid, run_config: dict) -> dict:
         if strategy.matcher not in ("merge", "own"):
             from neuralign.errors import NeuralignError
 
-            raise NeuralignError(f"fedma-matcher must be 'merge' or 'own', got {strategy.matcher!r}")
+            raise NeuralignError("fedma-matcher must be 'merge' or 'own', got "
+                                 f"{strategy.matcher!r}")
         hist = run_fedma(grid, task, model, strategy, rounds, train_config, evaluate_fn, timeout)
     else:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),

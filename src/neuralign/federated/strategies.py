@@ -52,6 +52,8 @@ class _Reporting:
 
     method = "fedavg"
 
+    min_replies = 1
+
     def _init_reporting(self) -> None:
         self.failures: dict[int, list[str]] = {}
         self.participants: dict[int, int] = {}
@@ -91,6 +93,12 @@ class _Reporting:
 
     def aggregate_train(self, server_round, replies):
         replies = self._record_replies(server_round, replies)
+        ok = sum(1 for m in replies if not m.has_error())
+        if ok < self.min_replies:  # too few results: keep the previous global model
+            self.failures.setdefault(server_round, []).append(
+                f"round skipped: {ok} result(s) < min_replies={self.min_replies}; "
+                "the global model is unchanged")
+            return None, None
         return super().aggregate_train(server_round, replies)
 
 
@@ -168,8 +176,8 @@ class FedPFN(_Reporting, fs.FedAvg):
 
         from flwr.supercore import log
 
-        log(INFO, "\t└──> anchors: ratio %.2f, seed %d, granularity %s (%s)", self.anchor_ratio,
-            self.anchor_seed, self.granularity, self.method)
+        log(INFO, "\t└──> anchors: ratio %.2f, seed %d, granularity %s (%s)",
+            self.anchor_ratio, self.anchor_seed, self.granularity, self.method)
 
 
 class FedPNU(FedPFN):
@@ -196,13 +204,15 @@ STRATEGIES = ("fedavg", "fedprox", "fedpfn", "fedpnu", "fedma")
 
 
 def make_strategy(name: str, *, num_clients: int, fraction: float = 1.0,
-                  min_clients: int | None = None, proximal_mu: float = 0.01,
+                  min_clients: int | None = None, min_replies: int = 1,
+                  proximal_mu: float = 0.01,
                   anchor_ratio: float = 0.4, anchor_seed: int = 0, model=None):
     """A configured strategy by name (FedMA returns its settings object, run by its own loop).
 
-    ``min_clients`` is the minimum number of replies a round waits for and samples (Flower's
+    ``min_clients`` is the minimum number of clients a round samples (Flower's
     ``min_train_nodes``); a round in which some sampled clients crash or time out still
-    aggregates the others.
+    aggregates the others, as long as at least ``min_replies`` results arrived (otherwise the
+    round is skipped and the global model kept).
     """
     name = name.lower()
     if name not in STRATEGIES:
@@ -210,6 +220,12 @@ def make_strategy(name: str, *, num_clients: int, fraction: float = 1.0,
     m = min_clients if min_clients is not None else max(1, int(round(fraction * num_clients)))
     common = dict(fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=m,
                   min_available_nodes=m)
+    strat = _make(name, common, proximal_mu, anchor_ratio, anchor_seed, model, m, fraction)
+    strat.min_replies = int(min_replies)
+    return strat
+
+
+def _make(name, common, proximal_mu, anchor_ratio, anchor_seed, model, m, fraction):
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
@@ -218,7 +234,7 @@ def make_strategy(name: str, *, num_clients: int, fraction: float = 1.0,
         from neuralign.train.anchors import anchor_masks
 
         if name == "fedpfn":
-            masks = anchor_masks(model, anchor_ratio, seed=anchor_seed) if model is not None else None
+            masks = None if model is None else anchor_masks(model, anchor_ratio, seed=anchor_seed)
             return FedPFN(anchor_ratio=anchor_ratio, anchor_seed=anchor_seed, masks=masks, **common)
         mask_fn = None
         if model is not None:
