@@ -11,7 +11,7 @@ import numpy as np
 import ot
 import torch
 
-from neuralign.align.weight import _float, check_same_architecture, solve_lap
+from neuralign.align.weight import _float, check_same_architecture, matched_keys, solve_lap
 from neuralign.permute import _segment, unit_matrix
 from neuralign.spec.core import Permutation, PermutationSpec, Place
 from neuralign.utils import state_dict_of
@@ -45,7 +45,7 @@ def sinkhorn_matching(spec: PermutationSpec, a, b, *, reg: float = 0.01, reg_sta
     sd_a, sd_b = state_dict_of(a), state_dict_of(b)
     check_same_architecture(sd_a, sd_b, spec.keys)
     spec.validate(sd_a)
-    keys = [k for k in spec.keys if sd_a[k].is_floating_point()]
+    keys = matched_keys(spec, sd_a)
     A = {k: _float(sd_a[k]) for k in keys}
     B = {k: _float(sd_b[k]) for k in keys}
     by_key = spec.key_places()

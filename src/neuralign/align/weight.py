@@ -41,23 +41,34 @@ def check_same_architecture(sd_a: Mapping, sd_b: Mapping, keys: Sequence[str] | 
                 f"{tuple(sd_b[k].shape)} in the second; alignment needs the same architecture")
 
 
+_STATS = ("running_mean", "running_var")
+
+
+def matched_keys(spec: PermutationSpec, sd: Mapping, include_buffers: bool = False) -> list[str]:
+    """Tensors weight matching compares: the spec's float tensors, without batch-norm running
+    statistics unless ``include_buffers`` (as Git Re-Basin: they are not weights)."""
+    return [k for k in spec.keys if sd[k].is_floating_point()
+            and (include_buffers or not k.endswith(_STATS))]
+
+
 def _float(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float() if t.is_floating_point() else t.detach()
 
 
-def weight_objective(spec: PermutationSpec, a, b) -> float:
-    """``sum_k <A_k, B_k>`` over every tensor the spec touches (what weight matching maximises)."""
+def weight_objective(spec: PermutationSpec, a, b, include_buffers: bool = False) -> float:
+    """``sum_k <A_k, B_k>`` over the tensors weight matching compares (its objective)."""
     sd_a, sd_b = state_dict_of(a), state_dict_of(b)
     return float(sum((_float(sd_a[k]).double() * _float(sd_b[k]).double()).sum()
-                     for k in spec.keys if sd_a[k].is_floating_point()))
+                     for k in matched_keys(spec, sd_a, include_buffers)))
 
 
 class _State:
     """Model b with the current permutation applied, and the fixed matrices of model a."""
 
-    def __init__(self, spec: PermutationSpec, sd_a: Mapping, sd_b: Mapping, init: Permutation):
+    def __init__(self, spec: PermutationSpec, sd_a: Mapping, sd_b: Mapping, init: Permutation,
+                 include_buffers: bool = False):
         self.spec = spec
-        self.keys = [k for k in spec.keys if sd_a[k].is_floating_point()]
+        self.keys = matched_keys(spec, sd_a, include_buffers)
         self.A = {k: _float(sd_a[k]) for k in self.keys}
         self.B = {k: _float(sd_b[k]).to(self.A[k].device) for k in self.keys}
         self.perm = Permutation({n: torch.as_tensor(init[n]).long().clone()
@@ -144,9 +155,9 @@ def _head_blocks(t: torch.Tensor, place, size: int) -> torch.Tensor:
     return v.reshape(size, place.inner, -1)
 
 
-def _run(spec, sd_a, sd_b, init, names, max_iter, seed, rtol):
+def _run(spec, sd_a, sd_b, init, names, max_iter, seed, rtol, include_buffers=False):
     t0 = time.perf_counter()
-    st = _State(spec, sd_a, sd_b, init)
+    st = _State(spec, sd_a, sd_b, init, include_buffers)
     for n in names:  # attention heads first, by a score blind to within-head order
         if spec.groups[n].kind == "heads":
             st.init_heads(n)
@@ -175,7 +186,7 @@ def _run(spec, sd_a, sd_b, init, names, max_iter, seed, rtol):
 def weight_matching(spec: PermutationSpec, a, b, max_iter: int = 100, seed: int = 0, *,
                     init: Mapping[str, torch.Tensor] | None = None,
                     groups: Sequence[str] | None = None, restarts: int = 0,
-                    rtol: float = 1e-7) -> Permutation:
+                    rtol: float = 1e-7, include_buffers: bool = False) -> Permutation:
     """Find the permutation that, applied to ``b``, maximises ``sum_k <A_k, P(B)_k>``.
 
     ``a`` and ``b`` are models or state dicts. Coordinate ascent visits the groups in a random
@@ -185,6 +196,8 @@ def weight_matching(spec: PermutationSpec, a, b, max_iter: int = 100, seed: int 
     restricts the optimisation to some groups (the others keep their ``init``);
     ``restarts > 0`` also runs from that many random starting permutations and keeps the best
     objective (the remedy for residual nets, where single runs can miss the optimum).
+    Batch-norm running statistics are permuted with their group but not compared, unless
+    ``include_buffers=True``.
     The result's ``info`` holds the objective per sweep, sweeps, and times.
     """
     sd_a, sd_b = state_dict_of(a), state_dict_of(b)
@@ -198,14 +211,14 @@ def weight_matching(spec: PermutationSpec, a, b, max_iter: int = 100, seed: int 
     if init is not None:
         check_permutation(init, spec)
         base.update({k: torch.as_tensor(v).long() for k, v in init.items()})
-    best = _run(spec, sd_a, sd_b, base, names, max_iter, seed, rtol)
+    best = _run(spec, sd_a, sd_b, base, names, max_iter, seed, rtol, include_buffers)
     runs = [best.info["objective"]]
     for r in range(1, restarts + 1):
         gen = torch.Generator().manual_seed(seed * 1000 + r)
         start = Permutation(base)
         for n in names:
             start[n] = torch.randperm(spec.groups[n].size, generator=gen)
-        cand = _run(spec, sd_a, sd_b, start, names, max_iter, seed + r, rtol)
+        cand = _run(spec, sd_a, sd_b, start, names, max_iter, seed + r, rtol, include_buffers)
         runs.append(cand.info["objective"])
         if cand.info["objective"] > best.info["objective"]:
             best = cand
