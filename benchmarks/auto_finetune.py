@@ -299,8 +299,8 @@ def report(results, seeds, quick):
     hi = f"output@lr={OUTPUT_HIGH_LR}"
     if any(k.startswith(hi + "|") for k in results):
         lines += ["", f"### Output-level shift at base rate {OUTPUT_HIGH_LR} (supplementary)", "",
-                  f"With {EPOCHS} epochs at rate {LR} no strategy re-learns the flipped head; "
-                  f"the same runs at base rate {OUTPUT_HIGH_LR}:", "",
+                  (f"With {EPOCHS} epochs at rate {LR} no strategy re-learns the flipped head; "
+                  f"the same runs at base rate {OUTPUT_HIGH_LR}:"), "",
                   "| Method | Output-level (flip) |", "|---|---|"]
         for label in labels:
             lines.append(f"| {label} | " + _ms([a for a in (_acc(results, hi, s, label)
@@ -327,6 +327,14 @@ def report(results, seeds, quick):
     worse = [lab for lab in autos if mean[lab][0] < full_in]
     lines.append("- All automatic strategies ≥ full fine-tuning under input-level shift: "
                  + ("holds." if not worse else f"does not hold ({', '.join(worse)} below)."))
+    for a, b_, what in (("Auto-RGN+Hessian", "Auto-RGN", "the paper's conclusion"),
+                        ("Mod. Criticality-Random", "Auto-RGN", ("input and feature columns "
+                         "of the paper's Table 1"))):
+        cols = [c for c in range(4) if not (np.isnan(mean[a][c]) or np.isnan(mean[b_][c]))]
+        ok = [c for c in cols if mean[a][c] >= mean[b_][c]]
+        names = ["input", "feature", "output", f"output (rate {OUTPUT_HIGH_LR})"]
+        lines.append(f"- {a} ≥ {b_} ({what}): holds in {len(ok)} of {len(cols)} columns "
+                     f"({', '.join(names[c] for c in ok) or 'none'}).")
     cv = [best(c, labels[1:]) for c in range(4)]
     lines.append(f"- Best of all rows (input, feature, output, output at rate {OUTPUT_HIGH_LR}):"
                  f" {', '.join(cv)} "
