@@ -339,6 +339,19 @@ def report(results, seeds, quick):
     lines.append(f"- Best of all rows (input, feature, output, output at rate {OUTPUT_HIGH_LR}):"
                  f" {', '.join(cv)} "
                  "(the paper treats cross-validation as the high-water mark).")
+    picks = {}
+    for k, r in results.items():
+        if k.count("|") == 2 and r.get("extra"):
+            t, sd, lab = k.split("|")
+            v = r["extra"].get("chosen_blocks") or r["extra"].get("pretune_epochs")
+            picks.setdefault((lab, t), []).append(f"{sd}:{v}")
+    if picks:
+        lines += ["", "## Choices made on target validation (seed: choice)", "",
+                  "| Method | task | choices |", "|---|---|---|"]
+        lines += [f"| {lab} | {t} | {', '.join(v)} |" for (lab, t), v in sorted(picks.items())]
+        lines.append("")
+        lines.append("Cross validation: the block tuned; criticality: the pre-tuning epochs "
+                     "(0 = Algorithm 3, 2 = Algorithm 4).")
     secs = {lab: [r["seconds"] for k, r in results.items() if k.count("|") >= 2
                   and k.split("|")[2] == lab and "seconds" in r] for lab in labels[1:]}
     lines += ["", "## Cost", "", "| Method | mean seconds per fine-tune (CPU, shared) |",
