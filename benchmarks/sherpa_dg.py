@@ -245,7 +245,9 @@ def report(out: dict, path: str) -> None:
     targets = [t for t in out["domains"] if all(t in v for v in res.values())]
     lines = ["# SHERPA and robust fine-tuning baselines: leave-one-domain-out", "",
              f"Command: `{('.venv/bin/python benchmarks/sherpa_dg.py ' + cfg.get('argv', '')).strip()}`", ""]
-    lines += [f"Merged from `{m['file']}` (run with `{m['argv']}`)." for m in out.get("merged", [])]
+    merged = [f"`{m['file']}`: `{m['argv']}`" for m in out.get("merged", [])]
+    if merged:
+        lines += ["Merged from runs with the same configuration: " + "; ".join(merged) + ".", ""]
     lines += _setup_text(cfg) + [""]
     head = "| method | " + " | ".join(f"{t} OOD" for t in targets) + " | avg OOD (mean ± std over seeds) | avg ID (source val) |"
     lines += ["## Accuracy (%), target = the left-out domain", "", head, "|" + "---|" * (len(targets) + 3)]
