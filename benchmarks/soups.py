@@ -33,8 +33,6 @@ from neuralign.train import train
 CACHE = Path(os.environ.get("NEURALIGN_CACHE", "/tmp/neuralign_soups_cache"))
 OUT = ROOT / "docs" / "results"
 SHIFTS = ("gaussian_noise", "contrast", "motion_blur")
-# 8 fine-tuning recipes: learning rate x weight decay x label smoothing
-GRID = list(itertools.product((0.01, 0.05), (0.0, 5e-4), (0.0, 0.1)))
 
 
 def log(*a):
@@ -69,9 +67,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lrs", default="0.01,0.05", help="the two fine-tuning learning rates")
+    ap.add_argument("--out", default="soups.md", help="results file under docs/results")
     args = ap.parse_args()
     torch.set_num_threads(1)
     n_pre, n_ft = (500, 500) if args.quick else (3000, 3000)
+    lrs = tuple(float(x) for x in args.lrs.split(","))
+    grid = list(itertools.product(lrs, (0.0, 5e-4), (0.0, 0.1)))
+    lr_tag = "" if lrs == (0.01, 0.05) else "_lr" + "-".join(str(x) for x in lrs)
     splits = load_data("fashion_mnist", seed=0, subset=n_pre + n_ft, test_subset=1000)
     xtr, ytr = splits.train.tensors
     perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))
@@ -95,12 +98,12 @@ def main():
         base = cached_train(CACHE / f"pre_s{seed}_{n_pre}.pt", build, make_loader(pre, 128, shuffle=True, seed=seed),
                             epochs=3, lr=0.05, seed=seed)
         models = []
-        for i, (lr, wd, ls) in enumerate(GRID):
+        for i, (lr, wd, ls) in enumerate(grid):
             def b(base=base):
                 m = build()
                 m.load_state_dict(base.state_dict())
                 return m
-            models.append(cached_train(CACHE / f"ft_s{seed}_{i}_{n_ft}.pt", b,
+            models.append(cached_train(CACHE / f"ft_s{seed}_{i}_{n_ft}{lr_tag}.pt", b,
                                        make_loader(ft, 128, shuffle=True, seed=100 * seed + i),
                                        epochs=2, lr=lr, weight_decay=wd, label_smoothing=ls, seed=100 * seed + i))
         log(f"seed {seed}: trained")
@@ -124,7 +127,7 @@ def main():
              f"Command: `.venv/bin/python benchmarks/soups.py {' '.join(sys.argv[1:])}`", "",
              f"Protocol (survey Table 5, scaled down): a small CNN (`cnn`, width 16, BN) pre-trained on "
              f"{n_pre} Fashion-MNIST training images (14×14, 3 epochs), then fine-tuned 8 times from it "
-             f"on {n_ft} other training images (2 epochs; lr ∈ {{0.01, 0.05}} × weight decay ∈ {{0, 5e-4}} × "
+             f"on {n_ft} other training images (2 epochs; lr ∈ {{{lrs[0]}, {lrs[1]}}} × weight decay ∈ {{0, 5e-4}} × "
              "label smoothing ∈ {0, 0.1}). Held-out set (greedy/learned soups, Fisher, model selection): "
              "1,000 validation images. In-distribution: 1,000 test images; shift: the same test images "
              f"with {', '.join(SHIFTS)} corruptions at severity 3 (mean accuracy). Batch-norm statistics "
@@ -134,7 +137,7 @@ def main():
     for name in methods:
         lines.append(f"| {name} | {f(res[name]['id'])} | {f(res[name]['shift'])} |")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "soups.md").write_text("\n".join(lines) + "\n")
+    (OUT / args.out).write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +151,7 @@ def main():
     ax.set_ylabel("shifted accuracy (%)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.savefig(OUT / "soups.png", dpi=120, bbox_inches="tight")
+    fig.savefig(OUT / args.out.replace(".md", ".png"), dpi=120, bbox_inches="tight")
     log("done")
 
 
