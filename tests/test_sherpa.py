@@ -179,3 +179,15 @@ def test_stage1_on_a_torchvision_resnet():
     x = d.tensors[0][:4]
     torch.testing.assert_close(_out(res.model, x), _out(ref, x), atol=1e-4, rtol=1e-4)
     assert sum(res.info["permutation"].moved().values()) > 0
+
+
+def test_lam_start_reestimates_batch_norm_statistics():
+    d = _data(n=64)
+    m, a = _model(seed=0), _model(seed=1)
+    kw = dict(strategy="sherpa", anchor=a, head="anchor", lam=0.5, epochs=0, **KW)
+    plain = finetune(m, d, reset_bn=False, **kw).model.state_dict()
+    reset = finetune(m, d, reset_bn=True, **kw).model.state_dict()
+    k = "block2.1.0.weight"
+    torch.testing.assert_close(reset[k], plain[k])  # weights: the same interpolation
+    rm = "block2.1.1.running_mean"
+    assert not torch.allclose(reset[rm], plain[rm])  # statistics: re-estimated on source data
