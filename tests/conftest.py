@@ -9,7 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: the models under test are tiny, and extra threads only add overhead (or, on a
+# busy machine, stall the suite).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,10 @@ def register(app: typer.Typer) -> None:
             "the same number of classes)"
         ),
         out: str = typer.Option(None, help="where to write the fine-tuned .safetensors"),
+        weights_out: str = typer.Option(
+            None, "--weights-out", help="per-layer learning-rate strategies: write the chosen "
+            "layer weights as JSON here, and a bar plot beside it (.png)"
+        ),
         list_strategies: bool = typer.Option(
             False, "--list-strategies", help="list the strategies and their options"
         ),
@@ -188,9 +192,12 @@ def register(app: typer.Typer) -> None:
         }
         if simple:
             console.print(simple, highlight=False)
+        if weights_out:
+            _save_layer_weights(res.info, strategy, weights_out)
         if out:
             _save(
                 res.model,
+                model,
                 out,
                 {
                     "strategy": strategy,
@@ -206,9 +213,31 @@ def register(app: typer.Typer) -> None:
             )
 
 
-def _save(model, out: str, metadata: dict) -> None:
+def _save_layer_weights(info: dict, strategy: str, path: str) -> None:
+    from neuralign.finetune.auto_lr import plot_layer_weights, save_layer_weights
+
+    weights = info.get("layer_weights")
+    if not weights:
+        raise NeuralignError(f"strategy {strategy!r} chooses no per-layer weights; "
+                             "--weights-out is for auto_rgn, layerwise_surprise, ... strategies")
+    save_layer_weights({strategy: weights}, path)
+    png = str(Path(path).with_suffix(".png"))
+    plot_layer_weights({strategy: weights}, png)
+    console.print(f"saved the layer weights to {path} and {png}")
+
+
+def _save(model, source: str, out: str, metadata: dict) -> None:
     from neuralign.finetune.basic import OutputEnsemble
+    from neuralign.finetune.levi import LEVI
     from neuralign.io import save_model
+
+    if isinstance(model, LEVI):  # only what was trained, plus a reference to the large model
+        from neuralign.finetune.levi_io import save_levi
+
+        ref = source if source and source.endswith(".safetensors") else None
+        save_levi(model, out, large_ref=ref, metadata=metadata)
+        console.print(f"saved {out} (LEVI: trained parts only; large model: {ref or 'config'})")
+        return
 
     if isinstance(model, OutputEnsemble):
         stem = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
