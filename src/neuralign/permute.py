@@ -12,8 +12,14 @@ from torch import nn
 from neuralign.errors import SpecError
 from neuralign.spec.core import Group, Permutation, PermutationSpec, Place
 
-__all__ = ["apply_permutation", "random_permutation", "Permutation", "take_units", "unit_matrix",
-           "check_permutation"]
+__all__ = [
+    "Permutation",
+    "apply_permutation",
+    "check_permutation",
+    "random_permutation",
+    "take_units",
+    "unit_matrix",
+]
 
 
 def _segment(t: torch.Tensor, place: Place, size: int) -> tuple[torch.Tensor, tuple[int, ...]]:
