@@ -20,15 +20,6 @@ from neuralign.finetune import (
 from neuralign.models import SmallCNN, block_names, get_head_name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on a shared 2-core box spin-wait each other (100x slower convolutions)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=48, classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 8, 8, generator=g)

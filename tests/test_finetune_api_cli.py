@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -10,14 +9,6 @@ from neuralign.cli import app
 from neuralign.finetune import list_strategies
 from neuralign.io import load_model, save_model
 from neuralign.models import get_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_list_strategies_shows_every_registered_one():

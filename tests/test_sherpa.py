@@ -21,15 +21,6 @@ from neuralign.spec import spec_from_model
 KW = dict(lr=0.05, batch_size=16, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on a shared 2-core box spin-wait each other (100x slower convolutions)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=48, classes=3, seed=0, size=8, ch=1):
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(

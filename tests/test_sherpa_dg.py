@@ -16,15 +16,6 @@ from neuralign.errors import DataError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on a shared 2-core box spin-wait each other (100x slower convolutions)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_rotate_matches_exact_quarter_turns_and_per_image_angles():
     x = torch.randn(3, 2, 6, 6)
     torch.testing.assert_close(
