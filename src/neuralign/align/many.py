@@ -11,7 +11,7 @@ import torch
 from neuralign.align.weight import check_same_architecture, weight_matching
 from neuralign.permute import _permute_sd
 from neuralign.spec.core import Permutation, PermutationSpec
-from neuralign.utils import state_dict_of
+from neuralign.utils import as_state_dict
 
 __all__ = ["align_many", "align_to_mean"]
 
@@ -57,7 +57,7 @@ def align_to_mean(spec: PermutationSpec, models: Sequence, *, seed: int = 0,
     """Merge-many alignment: repeat, over the models in random order, weight matching of model
     ``i`` to the mean of the other (permuted) models; stop when a round changes nothing."""
     t0 = time.perf_counter()
-    sds = [state_dict_of(m) for m in models]
+    sds = [as_state_dict(m) for m in models]
     for sd in sds[1:]:
         check_same_architecture(sds[0], sd, spec.keys)
     perms = [Permutation.identity(spec) for _ in sds]

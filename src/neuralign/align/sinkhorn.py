@@ -14,7 +14,7 @@ import torch
 from neuralign.align.weight import _float, check_same_architecture, matched_keys, solve_lap
 from neuralign.permute import _segment, unit_matrix
 from neuralign.spec.core import Permutation, PermutationSpec, Place
-from neuralign.utils import state_dict_of
+from neuralign.utils import as_state_dict
 
 __all__ = ["sinkhorn_matching"]
 
@@ -42,7 +42,7 @@ def sinkhorn_matching(spec: PermutationSpec, a, b, *, reg: float = 0.01, reg_sta
     projected to the nearest hard permutation (LAP). ``info`` has the final soft matrices.
     """
     t0 = time.perf_counter()
-    sd_a, sd_b = state_dict_of(a), state_dict_of(b)
+    sd_a, sd_b = as_state_dict(a), as_state_dict(b)
     check_same_architecture(sd_a, sd_b, spec.keys)
     spec.validate(sd_a)
     keys = matched_keys(spec, sd_a)

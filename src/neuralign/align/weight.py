@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from neuralign.errors import ArchitectureMismatchError, SpecError
+from neuralign.errors import SpecError
 from neuralign.permute import check_permutation, take_units, unit_matrix
 from neuralign.spec.core import Permutation, PermutationSpec
-from neuralign.utils import state_dict_of
+from neuralign.utils import as_state_dict
+from neuralign.utils import check_same_architecture as check_architectures
 
 __all__ = ["check_same_architecture", "solve_lap", "weight_matching", "weight_objective"]
 
@@ -28,17 +29,9 @@ def solve_lap(score: torch.Tensor) -> torch.Tensor:
 
 
 def check_same_architecture(sd_a: Mapping, sd_b: Mapping, keys: Sequence[str] | None = None):
-    ka, kb = set(sd_a), set(sd_b)
-    if ka != kb:
-        diff = sorted(ka ^ kb)
-        raise ArchitectureMismatchError(
-            f"the two models have different tensors ({len(diff)} differ, e.g. {diff[0]!r}); "
-            "alignment needs two models of the same architecture")
-    for k in keys if keys is not None else sd_a:
-        if tuple(sd_a[k].shape) != tuple(sd_b[k].shape):
-            raise ArchitectureMismatchError(
-                f"tensor {k!r} has shape {tuple(sd_a[k].shape)} in the first model and "
-                f"{tuple(sd_b[k].shape)} in the second; alignment needs the same architecture")
+    """Both models hold the same tensors (of the same shapes for ``keys``)."""
+    check_architectures([sd_a, sd_b], keys=keys, hint="alignment needs two models of the same "
+                        "architecture")
 
 
 _STATS = ("running_mean", "running_var")
@@ -57,7 +50,7 @@ def _float(t: torch.Tensor) -> torch.Tensor:
 
 def weight_objective(spec: PermutationSpec, a, b, include_buffers: bool = False) -> float:
     """``sum_k <A_k, B_k>`` over the tensors weight matching compares (its objective)."""
-    sd_a, sd_b = state_dict_of(a), state_dict_of(b)
+    sd_a, sd_b = as_state_dict(a), as_state_dict(b)
     return float(sum((_float(sd_a[k]).double() * _float(sd_b[k]).double()).sum()
                      for k in matched_keys(spec, sd_a, include_buffers)))
 
@@ -197,7 +190,7 @@ def weight_matching(spec: PermutationSpec, a, b, max_iter: int = 100, seed: int 
     ``include_buffers=True``.
     The result's ``info`` holds the objective per sweep, sweeps, and times.
     """
-    sd_a, sd_b = state_dict_of(a), state_dict_of(b)
+    sd_a, sd_b = as_state_dict(a), as_state_dict(b)
     check_same_architecture(sd_a, sd_b, spec.keys)
     spec.validate(sd_a)
     names = list(spec.groups) if groups is None else list(groups)

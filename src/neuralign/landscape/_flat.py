@@ -11,7 +11,8 @@ from torch import nn
 from torch.func import functional_call
 
 from neuralign.errors import DataError
-from neuralign.merge._util import device_of, split_batch
+from neuralign.utils import model_device as device_of
+from neuralign.utils import split_batch
 
 
 class Flat:

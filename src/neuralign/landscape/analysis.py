@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from neuralign.errors import DataError, NeuralignError
-from neuralign.merge._util import as_state_dict, device_of, split_batch
+from neuralign.utils import as_state_dict, split_batch
+from neuralign.utils import model_device as device_of
 
 
 def _center_gram(k: torch.Tensor) -> torch.Tensor:

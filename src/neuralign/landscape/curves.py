@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from neuralign.errors import NeuralignError
-from neuralign.merge._util import ModelLike, as_state_dict
-from neuralign.merge._util import evaluate as _evaluate
+from neuralign.evaluation import evaluate as _evaluate
 from neuralign.merge.basic import interpolate, reset_bn
+from neuralign.utils import ModelLike, as_state_dict
 
 
 @dataclass

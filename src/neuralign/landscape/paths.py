@@ -12,8 +12,9 @@ from torch import nn
 
 from neuralign.landscape._flat import Flat, batches, dev
 from neuralign.landscape.curves import Curve, _as_evaluator
-from neuralign.merge._util import as_state_dict, check_same_architecture
+from neuralign.merge._util import check_same_architecture
 from neuralign.merge.basic import reset_bn
+from neuralign.utils import as_state_dict
 
 KINDS = ("bezier", "polychain", "polyline")
 

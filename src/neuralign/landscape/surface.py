@@ -11,8 +11,9 @@ from torch import nn
 
 from neuralign.landscape._flat import Flat
 from neuralign.landscape.curves import _as_evaluator
-from neuralign.merge._util import as_state_dict, check_same_architecture
+from neuralign.merge._util import check_same_architecture
 from neuralign.merge.basic import reset_bn
+from neuralign.utils import as_state_dict
 
 
 @dataclass

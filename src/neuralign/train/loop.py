@@ -10,13 +10,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from neuralign.data.core import make_loader
 from neuralign.errors import DataError, NeuralignError
-from neuralign.utils import model_device
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from neuralign.evaluation import LossFn, as_loader, evaluate, predict  # noqa: F401 - re-exported
+from neuralign.utils import model_device, split_batch
 
 
 @dataclass
@@ -32,25 +29,6 @@ class History:
 
     def as_dict(self) -> dict:
         return {"epochs": self.epochs, "seconds": self.seconds}
-
-
-def as_loader(data, batch_size: int = 128, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """Accept a DataLoader, a Dataset or an ``(x, y)`` tensor pair."""
-    if isinstance(data, DataLoader):
-        return data
-    if isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        data = torch.utils.data.TensorDataset(*data)
-    if isinstance(data, Dataset):
-        return make_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
-    raise DataError(f"expected a DataLoader, a Dataset or an (x, y) pair, got {type(data).__name__}")
-
-
-def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, dict):
-        raise DataError("dict batches need a custom loss; pass (inputs, targets) pairs")
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise DataError("each batch must be an (inputs, targets) pair")
-    return batch[0], batch[1]
 
 
 def _schedule(kind: str, total: int, warmup: int) -> Callable[[int], float]:
@@ -93,8 +71,13 @@ def _call(callbacks: Sequence, hook: str, *args) -> None:
 
 
 def _progress(enabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not enabled,
@@ -117,6 +100,8 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
     if epochs < 1:
         raise NeuralignError(f"epochs must be >= 1, got {epochs}")
     loader = as_loader(loader, batch_size=batch_size, shuffle=True, seed=seed)
+    if not hasattr(loader, "__len__"):
+        raise DataError("training needs a DataLoader or a Dataset (something with a length)")
     if len(loader) == 0:
         raise DataError("the training loader yields no batches; is the data set empty?")
     device = torch.device(device) if device is not None else model_device(model)
@@ -135,7 +120,7 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
     total = epochs * steps_per_epoch
     factor = _schedule(schedule, total, warmup_steps)
     if loss_fn is None:
-        loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)  # noqa
+        loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
     torch.manual_seed(seed)
     history = History()
     start = time.perf_counter()
@@ -150,7 +135,9 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
             for i, batch in enumerate(loader):
                 if i >= steps_per_epoch:
                     break
-                x, y = _split_batch(batch)
+                x, y = split_batch(batch)
+                if y is None:
+                    raise DataError("each training batch must be an (inputs, targets) pair")
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 f = factor(step)
                 for g in opt.param_groups:
@@ -186,37 +173,3 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
     history.seconds = time.perf_counter() - start
     model.eval()
     return history
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated outputs and targets over a loader, in eval mode (the mode is restored)."""
-    loader = as_loader(loader)
-    device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
-    outs, ys = [], []
-    try:
-        for batch in loader:
-            x, y = _split_batch(batch)
-            outs.append(model(x.to(device)).float().cpu())
-            ys.append(y)
-    finally:
-        model.train(was_training)
-    if not outs:
-        raise DataError("the evaluation loader yields no batches; is the data set empty?")
-    return torch.cat(outs), torch.cat(ys)
-
-
-def evaluate(model: nn.Module, loader, *, loss_fn: LossFn | None = None,
-             device=None) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` over ``loader`` (eval mode)."""
-    out, y = predict(model, loader, device=device)
-    if loss_fn is None:
-        loss = F.cross_entropy(out, y, reduction="mean") if y.dtype == torch.int64 else \
-            F.mse_loss(out.squeeze(-1), y.float())
-    else:
-        loss = loss_fn(out, y)
-    acc = (out.argmax(1) == y).float().mean().item() if (
-        y.dtype == torch.int64 and out.dim() == 2) else float("nan")
-    return {"loss": float(loss), "accuracy": acc, "n": int(y.shape[0])}
