@@ -24,9 +24,16 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from neuralign.errors import NeuralignError
+from neuralign.finetune.heads import (  # noqa: F401 - part of this module's API
+    head_module,
+    head_out_features,
+    head_param_names,
+    new_head,
+)
+from neuralign.finetune.training import as_loader, run_training  # noqa: F401 - re-exported
 
 __all__ = [
     "FinetuneContext",
@@ -210,138 +217,6 @@ def get_strategy(name: str | Strategy, **options: Any) -> Strategy:
         return cls(**options)
     except TypeError as exc:  # a subclass with its own __init__ signature
         raise NeuralignError(f"bad options for strategy {name!r}: {exc}") from None
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def as_loader(
-    data: Any, *, batch_size: int = 32, shuffle: bool = False, seed: int = 0
-) -> DataLoader:
-    """A deterministic DataLoader from a dataset (a loader is returned unchanged)."""
-    from neuralign.train import as_loader as _train_as_loader
-
-    if data is None:
-        raise NeuralignError("no data given: pass a dataset, a DataLoader or an (x, y) pair")
-    if isinstance(data, Dataset) and len(data) == 0:
-        raise NeuralignError("the data set is empty")
-    return _train_as_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
-
-
-def head_module(model: nn.Module) -> tuple[str, nn.Module]:
-    """``(name, module)`` of the classifier head, via ``neuralign.models.get_head_name``."""
-    from neuralign.models import get_head_name
-
-    name = get_head_name(model)
-    return name, model.get_submodule(name)
-
-
-def head_param_names(model: nn.Module) -> list[str]:
-    name, _ = head_module(model)
-    return [k for k, _ in model.named_parameters() if k == name or k.startswith(name + ".")]
-
-
-def head_out_features(model: nn.Module) -> int | None:
-    _, head = head_module(model)
-    out = getattr(head, "out_features", None)
-    if out is None:
-        ws = [p for p in head.parameters() if p.dim() >= 1]
-        out = ws[-1].shape[0] if ws else None
-    return out
-
-
-def new_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
-    """A copy of ``model`` with a freshly initialised head (initialisation seeded)."""
-    from neuralign.models import replace_head
-
-    return replace_head(model, num_classes, seed=seed)
-
-
-class _BestVal:
-    """Callback: keep the weights of the epoch with the best validation accuracy."""
-
-    def __init__(self) -> None:
-        self.best_acc, self.best_epoch, self.best_state = -1.0, -1, None
-
-    def on_epoch_end(
-        self, model: nn.Module, optimizer: Any, epoch: int, metrics: Any = None
-    ) -> None:
-        acc = float((metrics or {}).get("val_accuracy", float("nan")))
-        if acc > self.best_acc:
-            self.best_acc, self.best_epoch = acc, epoch
-            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _freeze_bn_stats(model: nn.Module) -> list[Any]:
-    """Batch-norm layers whose parameters all are frozen keep their running statistics."""
-    handles = []
-    for mod in model.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            params = list(mod.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                handles.append(
-                    mod.register_forward_pre_hook(lambda m, _: setattr(m, "training", False))
-                )
-    return handles
-
-
-def run_training(
-    model: nn.Module,
-    loader: DataLoader,
-    ctx: FinetuneContext,
-    *,
-    epochs: int,
-    lr: float,
-    param_groups: list[dict] | None,
-    callbacks: list,
-    seed: int,
-) -> Any:
-    """Train in place: freeze what no group names, keep frozen BN statistics, select by val."""
-    from neuralign.train import train
-
-    if epochs == 0:
-        return None
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    if param_groups is None:
-        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    param_groups = [dict(g, params=list(g["params"])) for g in param_groups]
-    param_groups = [g for g in param_groups if g["params"]]
-    chosen = {id(p) for g in param_groups for p in g["params"]}
-    if not chosen:
-        raise NeuralignError("the strategy selected no trainable parameter")
-    for p in model.parameters():
-        if id(p) not in chosen:
-            p.requires_grad_(False)
-    handles = _freeze_bn_stats(model)
-    best = None
-    extra = {}
-    if ctx.select == "best_val" and ctx.val_loader is not None:
-        best = _BestVal()
-        callbacks = [*callbacks, best]
-        extra["val_loader"] = ctx.val_loader
-    try:
-        history = train(
-            model,
-            loader,
-            epochs=epochs,
-            lr=lr,
-            param_groups=param_groups,
-            callbacks=callbacks,
-            device=ctx.device,
-            progress=ctx.progress,
-            seed=seed,
-            **ctx.train_kwargs,
-            **extra,
-        )
-    finally:
-        for h in handles:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-    if best is not None and best.best_state is not None:
-        model.load_state_dict(best.best_state)
-        ctx.extras.setdefault("_selected_epochs", []).append(best.best_epoch)
-    return history
 
 
 # --------------------------------------------------------------------------- the entry point
