@@ -100,6 +100,17 @@ def _flat(y: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _forward_all(model: nn.Module, loader: Iterable, max_batches: int | None) -> None:
+    """Feed the inputs of (at most ``max_batches`` of) ``loader`` through ``model``, so that its
+    hooks (or batch-norm layers) see them."""
+    dev = device_of(model)
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, _ = split_batch(batch)
+        model(x.to(dev))
+
+
 def channel_stats(model: nn.Module, loader: Iterable, names: Sequence[str],
                   max_batches: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and standard deviation of the outputs of ``names`` (eval mode)."""
@@ -120,13 +131,8 @@ def channel_stats(model: nn.Module, loader: Iterable, names: Sequence[str],
         handles.append(mods[n].register_forward_hook(hook(n, _channel_dim(mods[n]))))
     was = model.training
     model.eval()
-    dev = device_of(model)
     try:
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, _ = split_batch(batch)
-            model(x.to(dev))
+        _forward_all(model, loader, max_batches)
     finally:
         for h in handles:
             h.remove()
@@ -215,13 +221,8 @@ def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: f
         m.reset_running_stats()
         m.momentum = None
     c.train()
-    dev = device_of(c)
     try:
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, _ = split_batch(batch)
-            c(x.to(dev))
+        _forward_all(c, loader, max_batches)
     finally:
         for h in handles:
             h.remove()
