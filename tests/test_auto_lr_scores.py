@@ -120,7 +120,7 @@ def test_per_example_gradients_and_snr():
         assert torch.allclose(g["0.weight"][i], ref[0], atol=1e-6)
         assert torch.allclose(g["4.bias"][i], ref[1], atol=1e-6)
     layers = model_layers(m, "tensor")
-    raw = snr_scores(m, batches, layers)
+    raw = snr_scores(m, batches, layers, statistic="per_example")
     hb = [hand_grads_pe(m, xb, yb) for xb, yb in batches]
     exp = torch.stack([torch.tensor([float((pg.mean(0) ** 2 / (pg.var(0) + 1e-8)).mean())
                                      for pg in h]) for h in hb]).mean(0)

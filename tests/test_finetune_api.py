@@ -103,7 +103,7 @@ def test_half_changes_only_the_top_half():
 def test_lp_ft_and_wise_ft_endpoints():
     m = _model()
     d = _data()
-    res = finetune(m, d, strategy="lp_ft", lp_epochs=1, **KW)
+    res = finetune(m, d, strategy="lp_ft", probe="sgd", lp_epochs=1, **KW)
     assert set(res.history) == {"lp", "ft"} and res.info["lp_epochs"] == 1
     full = finetune(m, d, strategy="full", seed=3, **KW).model
     w1 = finetune(m, d, strategy="wise_ft", alpha=1.0, seed=3, **KW)

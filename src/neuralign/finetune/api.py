@@ -83,6 +83,7 @@ class FinetuneContext:
     train_data: Any = None
     original_model: nn.Module | None = None
     select: str = "last"
+    bn: str = "train"
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
@@ -241,6 +242,7 @@ def finetune(
     schedule: str = "cosine",
     select: str = "last",
     reset_head: bool | None = None,
+    bn: str = "train",
     train_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> FinetuneResult:
@@ -251,6 +253,9 @@ def finetune(
     ``select="best_val"`` keeps the epoch with the best ``val_data`` accuracy (DomainBed's
     training-domain validation). ``options`` go to the strategy (``get_strategy(name, **options)``)
     and are also visible as ``ctx.<name>`` to its hooks.
+    ``bn``: the batch-norm policy (``"frozen"``, ``"adapt"`` or ``"train"``, see
+    :mod:`neuralign.finetune.bn`), applied by every strategy to every training run and gradient
+    score, and recorded in ``info["bn"]``.
     """
     if not isinstance(model, nn.Module):
         raise NeuralignError(f"finetune needs an nn.Module, got {type(model).__name__}")
@@ -260,6 +265,9 @@ def finetune(
         raise NeuralignError(f"select must be 'last' or 'best_val', got {select!r}")
     if select == "best_val" and val_data is None:
         raise NeuralignError("select='best_val' needs val_data (training-domain validation data)")
+    from neuralign.finetune.bn import check_bn_policy
+
+    check_bn_policy(bn)
     strat = get_strategy(strategy, **options)
     loader = as_loader(train_data, batch_size=batch_size, shuffle=True, seed=seed)
     val_loader = None if val_data is None else as_loader(val_data, batch_size=max(batch_size, 256))
@@ -280,6 +288,7 @@ def finetune(
         train_data=train_data,
         original_model=model,
         select=select,
+        bn=bn,
         extras=dict(strat.options),
     )
     work = copy.deepcopy(model)
@@ -290,6 +299,7 @@ def finetune(
         )
     if reset_head or (num_classes is not None and current != num_classes):
         work = new_head(work, num_classes if num_classes is not None else current, seed)
+        ctx.extras["_new_head"] = True
     if ctx.num_classes is None:
         ctx.num_classes = head_out_features(work)
     if device is not None:
@@ -299,7 +309,7 @@ def finetune(
     work, history = strat.fit(work, loader, ctx)
     work = strat.finalize(work, ctx)
     work.eval()
-    info = {"strategy": strat.name, "options": _printable(strat.options), **strat.info}
+    info = {"strategy": strat.name, "options": _printable(strat.options), "bn": bn, **strat.info}
     if "_selected_epochs" in ctx.extras:
         info["selected_epochs"] = ctx.extras["_selected_epochs"]
     return FinetuneResult(model=work, history=history, info=info)

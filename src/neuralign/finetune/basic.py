@@ -1,5 +1,6 @@
-"""The standard fine-tuning strategies: ``full`` (ERM), ``linear_probe``, ``lp_ft``, ``half``,
-``wise_ft`` and the output ``ensemble``."""
+"""The standard fine-tuning strategies: ``full`` (ERM), ``linear_probe``, ``lp_ft`` (in
+``lpft.py``), ``half``, ``wise_ft``, the output ``ensemble`` and ``bn_adapt`` (batch-norm
+statistics only)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from neuralign.finetune.api import (
 
 __all__ = [
     "Full",
+    "BNAdapt",
     "LinearProbe",
     "LPFT",
     "Half",
@@ -71,6 +73,39 @@ class Full(Strategy):
     summary = "full fine-tuning (ERM): every parameter trains"
 
 
+@register_strategy("bn_adapt")
+class BNAdapt(Strategy):
+    """Batch-norm adaptation only: re-estimate every batch-norm layer's running statistics on
+    the fine-tuning data (cumulative average over one pass, ``neuralign.merge.reset_bn``); no
+    weight changes, no labels used. The row that tells how much of an input-shift gain is the
+    statistics alone. Needs the model's own head (an unchanged label set)."""
+
+    summary = "re-estimate batch-norm statistics on the target data; no weight changes"
+    defaults = {"max_batches": None}
+
+    def fit(
+        self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext
+    ) -> tuple[nn.Module, Any]:
+        from neuralign.finetune.bn import bn_modules
+        from neuralign.merge import reset_bn
+
+        if not bn_modules(model):
+            raise NeuralignError("bn_adapt: the model has no batch-norm layer to adapt")
+        if ctx.extras.get("_new_head"):
+            raise NeuralignError(
+                "bn_adapt changes no weight, so a freshly initialised head would stay random: "
+                "use it only when the label set is unchanged (no num_classes change, no "
+                "reset_head)"
+            )
+        from neuralign.finetune.api import as_loader
+
+        ds = getattr(loader, "dataset", None)  # one pass in a fixed order (not the shuffle)
+        passes = loader if ds is None else as_loader(ds, batch_size=loader.batch_size or 32)
+        out = reset_bn(model, passes, max_batches=self.options["max_batches"])
+        self.info.update(bn="adapt", bn_requested=ctx.bn, weights_changed=False)
+        return out, None
+
+
 @register_strategy("linear_probe")
 class LinearProbe(Strategy):
     """Only the classifier head trains; the features (and their BN statistics) stay fixed."""
@@ -94,32 +129,6 @@ class Half(Strategy):
         params = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
         self.info["trained_blocks"] = tops
         return [{"params": params}]
-
-
-@register_strategy("lp_ft")
-class LPFT(Strategy):
-    """Linear probing, then full fine-tuning from the probed head (Kumar et al., 2022).
-
-    ``epochs`` counts the fine-tuning phase; ``lp_epochs`` (default ``max(1, epochs // 3)``, the
-    SHERPA paper's 5 + 15) and ``lp_lr`` (default ``10 * lr``) set the probing phase.
-    """
-
-    summary = "linear probe (lp_epochs, lp_lr) then full fine-tuning"
-    defaults = {"lp_epochs": None, "lp_lr": None}
-
-    def fit(
-        self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext
-    ) -> tuple[nn.Module, Any]:
-        lp_epochs = self.options["lp_epochs"]
-        lp_epochs = max(1, ctx.epochs // 3) if lp_epochs is None else int(lp_epochs)
-        lp_lr = self.options["lp_lr"]
-        lp_lr = 10 * ctx.lr if lp_lr is None else float(lp_lr)
-        h_lp = ctx.train(
-            model, loader, epochs=lp_epochs, lr=lp_lr, param_groups=[{"params": head_params(model)}]
-        )
-        h_ft = ctx.train(model, loader)
-        self.info.update(lp_epochs=lp_epochs, lp_lr=lp_lr)
-        return model, {"lp": h_lp, "ft": h_ft}
 
 
 @register_strategy("wise_ft")
@@ -209,6 +218,7 @@ class Ensemble(Strategy):
                 progress=ctx.progress,
                 batch_size=ctx.batch_size,
                 select=ctx.select,
+                bn=ctx.bn,
                 train_options=ctx.train_kwargs,
                 **(self.options["member_options"] or {}),
             )
@@ -216,3 +226,6 @@ class Ensemble(Strategy):
             histories.append(res.history)
         self.info["member_seeds"] = [ctx.seed + i for i in range(m)]
         return OutputEnsemble(members), histories
+
+
+from neuralign.finetune.lpft import LPFT  # noqa: E402 - re-exported (lives in lpft.py)

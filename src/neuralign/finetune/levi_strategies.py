@@ -124,7 +124,7 @@ def _member(ctx: FinetuneContext, strategy: str, seed_offset: int = 0, model=Non
                     strategy=strategy, epochs=ctx.epochs, lr=ctx.lr, num_classes=ctx.num_classes,
                     val_data=ctx.val_loader, seed=ctx.seed + seed_offset, device=ctx.device,
                     progress=ctx.progress, batch_size=ctx.batch_size, select=ctx.select,
-                    train_options=ctx.train_kwargs, **options).model
+                    bn=ctx.bn, train_options=ctx.train_kwargs, **options).model
 
 
 def _first_batch(loader: DataLoader):

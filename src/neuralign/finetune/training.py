@@ -1,5 +1,5 @@
-"""How a strategy's model is trained: loaders, freezing what no group names, keeping frozen
-batch-norm statistics, and selecting the epoch by training-domain validation accuracy."""
+"""How a strategy's model is trained: loaders, freezing what no group names, the batch-norm
+policy (``neuralign.finetune.bn``), and selecting the epoch by training-domain validation accuracy."""
 
 from __future__ import annotations
 
@@ -42,19 +42,6 @@ class _BestVal:
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _freeze_bn_stats(model: nn.Module) -> list[Any]:
-    """Batch-norm layers whose parameters all are frozen keep their running statistics."""
-    handles = []
-    for mod in model.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            params = list(mod.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                handles.append(
-                    mod.register_forward_pre_hook(lambda m, _: setattr(m, "training", False))
-                )
-    return handles
-
-
 def run_training(
     model: nn.Module,
     loader: DataLoader,
@@ -66,7 +53,8 @@ def run_training(
     callbacks: list,
     seed: int,
 ) -> Any:
-    """Train in place: freeze what no group names, keep frozen BN statistics, select by val."""
+    """Train in place: freeze what no group names, apply the ``ctx.bn`` batch-norm policy,
+    select by val."""
     from neuralign.train import train
 
     if epochs == 0:
@@ -82,7 +70,9 @@ def run_training(
     for p in model.parameters():
         if id(p) not in chosen:
             p.requires_grad_(False)
-    handles = _freeze_bn_stats(model)
+    from neuralign.finetune.bn import BNPolicy, trained_param_ids
+
+    policy = BNPolicy(model, ctx.bn, trained_param_ids(param_groups, model))
     best = None
     extra = {}
     if ctx.select == "best_val" and ctx.val_loader is not None:
@@ -90,22 +80,21 @@ def run_training(
         callbacks = [*callbacks, best]
         extra["val_loader"] = ctx.val_loader
     try:
-        history = train(
-            model,
-            loader,
-            epochs=epochs,
-            lr=lr,
-            param_groups=param_groups,
-            callbacks=callbacks,
-            device=ctx.device,
-            progress=ctx.progress,
-            seed=seed,
-            **ctx.train_kwargs,
-            **extra,
-        )
+        with policy:
+            history = train(
+                model,
+                loader,
+                epochs=epochs,
+                lr=lr,
+                param_groups=param_groups,
+                callbacks=callbacks,
+                device=ctx.device,
+                progress=ctx.progress,
+                seed=seed,
+                **ctx.train_kwargs,
+                **extra,
+            )
     finally:
-        for h in handles:
-            h.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     if best is not None and best.best_state is not None:

@@ -1,6 +1,6 @@
 """Automatic per-layer fine-tuning (Agarwala et al., "Automatic fine-tuning"; Lee et al.'s
 Auto-RGN / Auto-SNR): scores that pick a learning-rate weight per layer, and the strategies
-``auto_rgn``, ``auto_snr``, ``auto_rgn_hessian``, ``auto_rgn_change``,
+``auto_rgn``, ``auto_snr`` (Lee's 0/1 mask), ``auto_snr_scaled``, ``auto_rgn_hessian``, ``auto_rgn_change``,
 ``auto_rgn_hessian_change``, ``layerwise_surprise``, ``layerwise_surprise_diff``,
 ``module_criticality`` and ``cross_validation`` registered in ``neuralign.finetune``.
 """
@@ -33,6 +33,7 @@ from neuralign.finetune.auto_lr.strategies import (
     AutoRGNHessian,
     AutoRGNHessianChange,
     AutoSNR,
+    AutoSNRScaled,
     CrossValidation,
     LayerwiseSurprise,
     LayerwiseSurpriseDiff,
@@ -46,6 +47,7 @@ __all__ = [
     "AutoRGNHessian",
     "AutoRGNHessianChange",
     "AutoSNR",
+    "AutoSNRScaled",
     "CrossValidation",
     "Layer",
     "LayerwiseSurprise",

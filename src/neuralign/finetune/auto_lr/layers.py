@@ -117,8 +117,11 @@ def normalise_scores(scores: dict[str, float]) -> dict[str, float]:
 
 
 def param_groups_from_weights(model: nn.Module, layers: list[Layer],
-                              weights: dict[str, float]) -> list[dict]:
+                              weights: dict[str, float], *, rescored: bool = False) -> list[dict]:
     """One optimizer parameter group per layer with ``lr_scale = weights[layer]``.
+
+    ``rescored=True`` marks the layer groups as recomputed during training: the batch-norm
+    policy ``"train"`` then counts them as trained whatever their current weight.
 
     Parameters outside the layers (frozen norm parameters) go into one group with
     ``lr_scale = 0``: with every optimizer in ``torch.optim`` a zero rate leaves them exactly
@@ -126,7 +129,8 @@ def param_groups_from_weights(model: nn.Module, layers: list[Layer],
     """
     params = dict(model.named_parameters())
     groups = [{"params": [params[n] for n in layer.param_names], "lr_scale": float(
-        weights.get(layer.name, 0.0)), "name": layer.name} for layer in layers]
+        weights.get(layer.name, 0.0)), "name": layer.name, "rescored": rescored}
+        for layer in layers]
     rest = frozen_params(model, layers)
     if rest:
         groups.append({"params": [params[n] for n in rest], "lr_scale": 0.0,

@@ -52,7 +52,7 @@ def _flat_objective(model: nn.Module, batches: list, names: list[str], loss_fn):
     params = dict(model.named_parameters())
     shapes = [params[n].shape for n in names]
     sizes = [params[n].numel() for n in names]
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # BN may update them
     total = float(sum(len(b[1]) for b in batches))
 
     def f(theta: torch.Tensor):
@@ -114,16 +114,16 @@ def lbfgs_pairs(f, theta0: torch.Tensor, *, memory: int = 10, steps: int = 10,
 
 
 def preconditioned_gradient(model: nn.Module, batches: list, layers, *, memory: int = 10,
-                            steps: int = 10, loss_fn=None) -> dict[str, torch.Tensor]:
-    """``H ∇L(θ_0)`` per parameter of ``layers`` (L-BFGS over all of them jointly)."""
+                            steps: int = 10, loss_fn=None, bn: str = "train",
+                            trained: set[int] | None = None) -> dict[str, torch.Tensor]:
+    """``H ∇L(θ_0)`` per parameter of ``layers`` (L-BFGS over all of them jointly), in the
+    training mode given by the batch-norm policy ``bn`` (see ``neuralign.finetune.bn``)."""
+    from neuralign.finetune.bn import training_mode
+
     loss_fn = loss_fn or F.cross_entropy
     names = [n for layer in layers for n in layer.param_names]
-    was = model.training
-    model.eval()
-    try:
+    with training_mode(model, bn, trained):
         f, theta0, sizes, shapes = _flat_objective(model, batches, names, loss_fn)
         s_list, y_list, g0 = lbfgs_pairs(f, theta0, memory=memory, steps=steps)
-    finally:
-        model.train(was)
     hg = two_loop(g0, s_list, y_list)
     return {n: t.view(s) for n, t, s in zip(names, hg.split(sizes), shapes)}

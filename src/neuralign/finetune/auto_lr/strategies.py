@@ -69,8 +69,11 @@ class _PerLayer(Strategy):
         if raw is not None:
             self.info["raw_scores"] = dict(raw)
 
+    rescored: ClassVar[bool] = False
+
     def param_groups(self, model: nn.Module) -> list[dict]:
-        return param_groups_from_weights(model, self.layers, self.weights)
+        return param_groups_from_weights(model, self.layers, self.weights,
+                                         rescored=self.rescored)
 
 
 class _Rescore:
@@ -97,22 +100,29 @@ class _Rescore:
 
 
 class _GradientStrategy(_PerLayer):
+    """Scores gradients in the mode the model trains in: ``model.train()`` with the run's
+    batch-norm policy ``ctx.bn``, the scored layers counting as trained (``rescored``)."""
+
     kind, hessian, change = "rgn", False, False
+    rescored = True
     defaults: ClassVar[dict[str, Any]] = {
         **_COMMON, "every": "epoch", "rebuild_optimizer": False, "average": "score",
-        "memory": 10, "lbfgs_steps": 10, "threshold": None, "source_data": None}
+        "memory": 10, "lbfgs_steps": 10, "threshold": None, "statistic": "units",
+        "source_data": None}
 
     def compute(self, model: nn.Module, loader: DataLoader, ctx: FinetuneContext):
         device = model_device(model)
         n = self.options["num_batches"]
         batches = take_batches(loader, n, device)
         src = _source_batches(ctx, n, device) if self.change else None
+        trained = {id(p) for layer in self.layers for p in
+                   (dict(model.named_parameters())[k] for k in layer.param_names)}
         weights, raw = gradient_weights(
             self.kind, model, batches, self.layers, source_batches=src, hessian=self.hessian,
             average=self.options["average"], memory=self.options["memory"],
-            lbfgs_steps=self.options["lbfgs_steps"])
-        if self.options["threshold"] is not None:  # Lee et al.'s eb-criterion: 0/1 on raw SNR
-            weights = {k: float(v >= self.options["threshold"]) for k, v in raw.items()}
+            lbfgs_steps=self.options["lbfgs_steps"], statistic=self.options["statistic"],
+            threshold=self.options["threshold"], bn=ctx.bn, trained=trained)
+        self.info["score_mode"] = {"bn": ctx.bn, "model": "train"}
         self._record(weights, raw)
         return weights
 
@@ -136,8 +146,25 @@ class AutoRGN(_GradientStrategy):
 
 @register_strategy("auto_snr")
 class AutoSNR(_GradientStrategy):
-    summary = "Auto-SNR: rate ∝ per-example gradient signal-to-noise ratio (torch.func)"
+    """Lee et al.'s Auto-SNR (their code's "eb-criterion"): the minibatch gradient's
+    ``g² / var`` across output units, averaged per tensor; layers at or above ``threshold``
+    (0.95) train at the full rate, the others are frozen (a 0/1 mask, no divide-by-max)."""
+
+    summary = "Auto-SNR (Lee et al.): 0/1 mask, SNR >= threshold (0.95) trains"
     kind = "snr"
+    defaults: ClassVar[dict[str, Any]] = {**_GradientStrategy.defaults, "threshold": 0.95}
+
+
+@register_strategy("auto_snr_scaled")
+class AutoSNRScaled(_GradientStrategy):
+    """Not Lee et al.'s rule: rate ∝ per-example gradient SNR divided by the largest (what
+    ``auto_snr`` did before it followed the paper's code). Per-example gradients need the
+    batch-norm layers in eval mode: use ``bn="frozen"`` on a BN network."""
+
+    summary = "per-example gradient SNR, divided by the max (not Lee's mask)"
+    kind = "snr"
+    defaults: ClassVar[dict[str, Any]] = {**_GradientStrategy.defaults,
+                                          "statistic": "per_example"}
 
 
 @register_strategy("auto_rgn_hessian")
