@@ -5,20 +5,30 @@ activations of the anchor ``A`` and the model ``M`` on source batches (Eq. 1, ac
 matching, ``neuralign.align.activation_matching``) and applies it: ``pi(M)`` computes the same
 function as ``M``. Stage 2 fine-tunes ``pi(M)`` with the cross-entropy loss.
 
-What the paper leaves open, made explicit here: permuting ``M`` is function-preserving and SGD
-is permutation-equivariant, so with a freshly initialised head, stage 1 only changes which
-random head ``pi(M)`` starts with (the random-permutation baseline's effect; see
-``tests/test_sherpa.py::test_sgd_is_permutation_equivariant``). Options that make the
-alignment matter:
+What the paper leaves open, made explicit here. Permuting ``M`` is function-preserving and
+SGD (momentum, weight decay and batch norm included) is permutation-equivariant, so stage 1 with
+a freshly initialised head is a provable no-op: ``head="new"`` draws the head exactly as ERM
+does (the same seed, on ``M`` before it is permuted) and carries it through ``pi``, so SHERPA
+with ``head="new"`` computes the same function as ERM at every step (same logits up to float
+rounding, ~1e-6; ``tests/test_sherpa_erm.py``). Any difference between the two in a benchmark is
+noise from the head draw, never the alignment; report it as "= ERM". The same holds for the
+random-permutation baseline with ``head="new"``.
 
-* ``head="new"`` (the paper as written: a freshly initialised head, seeded like ERM's, on the
-  aligned features), ``head="anchor"`` (transplant the anchor's trained head onto the aligned
-  features: possible only because the features are aligned), ``head="keep"`` (carry the
-  model's own head through the permutation: stage 1 is then exactly function-preserving, and
-  by equivariance the whole run equals ERM permuted);
-* ``lam``: start at ``(1 - lam) * pi(M) + lam * A`` (BN statistics re-estimated when ``lam > 0``);
+The variants in which the alignment does change the result:
+
+* ``head="anchor"``: transplant the anchor's trained head onto the aligned features (possible
+  only because the features are aligned; ``random_perm`` with ``head="anchor"`` is its control:
+  the same head on randomly permuted features);
+* ``lam > 0`` ("lambda start"): start at ``(1 - lam) * pi(M) + lam * A`` (BN statistics
+  re-estimated when ``lam > 0``); needs the anchor;
+* an anchor soup: ``anchor=[A_1, ..., A_k]`` is weight-averaged into one anchor (the paper's A=6;
+  the anchors must share a pre-trained backbone), which matters only with ``head="anchor"`` or
+  ``lam > 0``;
 * ``select=True`` (strategy ``sherpa_select``): fine-tune only the blocks whose Kendall-tau
   distance between ``M`` and ``pi(M)`` is atypical (robust z-score, see ``select_blocks``).
+
+``head="keep"`` carries the model's own head through ``pi`` (with an unchanged label set and no
+``reset_head`` that is what ``"new"`` does too once ``finetune`` has drawn ERM's head).
 
 ``anchor`` is a model, a checkpoint path, or a list of them: a list is weight-averaged into one
 soup (the paper's A=6 anchor; the anchors must share a pre-trained backbone).
@@ -268,15 +278,16 @@ class Sherpa(Strategy):
             raise NeuralignError(f"lam must lie in [0, 1], got {lam}")
         anchor = self._anchor(ctx, model) if self._needs_anchor() else None
         align_loader = _align_loader(loader, self.options["align_batches"], ctx.seed)
-        aligned, perm, spec = self._permute(model, anchor, align_loader, ctx)
-        if head == "new":  # a fresh head on the aligned features, as in the paper
+        if head == "new" and not ctx.extras.get("_new_head"):
+            # ERM's head: drawn like finetune(..., reset_head=True) draws it, before permuting
             from neuralign.finetune.api import head_out_features, new_head
 
-            aligned = new_head(aligned, head_out_features(aligned), ctx.seed)
-        elif head == "anchor" and anchor is not None:
+            model = new_head(model, head_out_features(model), ctx.seed)
+        aligned, perm, spec = self._permute(model, anchor, align_loader, ctx)
+        if head == "anchor":
             sd, a_sd = aligned.state_dict(), anchor.state_dict()
             aligned.load_state_dict({**sd, **{k: a_sd[k].clone() for k in _head_names(aligned)}})
-        if lam > 0 and anchor is not None:
+        if lam > 0:
             from neuralign.finetune.basic import interpolate_state
 
             aligned.load_state_dict(
@@ -304,6 +315,8 @@ class Sherpa(Strategy):
             block_kendall_tau=block_tau,
             head=head,
             lam=lam,
+            equivalent_to_erm=(head in ("new", "keep") and lam == 0.0
+                               and not self.options["select"]),
             aligned_start=copy.deepcopy(aligned),
         )
         return aligned
@@ -331,7 +344,9 @@ class SherpaSelect(Sherpa):
 @register_strategy("random_perm")
 class RandomPerm(Sherpa):
     """The random-permutation baseline: a uniformly random ``pi`` (seed ``perm_seed``, default the
-    run's seed) instead of alignment, then ERM fine-tuning."""
+    run's seed) instead of alignment, then ERM fine-tuning. With ``head="new"`` it equals ERM
+    exactly (see the module docstring); with ``head="anchor"`` (and an ``anchor``) it is the
+    control of SHERPA's head transplant: the anchor's head on features it was not aligned to."""
 
     summary = "random permutation of the hidden units, then fine-tune (SHERPA's control)"
     defaults = {
@@ -348,14 +363,12 @@ class RandomPerm(Sherpa):
     }
 
     def _needs_anchor(self) -> bool:
-        return False
+        return self.options["head"] == "anchor" or float(self.options["lam"]) > 0
 
     def _permute(self, model, anchor, align_loader, ctx):
         from neuralign.permute import apply_permutation, random_permutation
         from neuralign.spec import spec_from_model
 
-        if self.options["head"] not in ("new", "keep") or float(self.options["lam"]) > 0:
-            raise NeuralignError("random_perm has no anchor: use head='new' or 'keep', and lam=0")
         x = next(iter(align_loader))[0][:2]
         spec = spec_from_model(model, x.to(next(model.parameters()).device))
         seed = ctx.seed if self.options["perm_seed"] is None else int(self.options["perm_seed"])

@@ -189,11 +189,11 @@ class AutoRGNHessianChange(_GradientStrategy):
 
 @register_strategy("layerwise_surprise")
 class LayerwiseSurprise(_PerLayer):
-    summary = "layerwise surprise: Σ_units KL(target ‖ source) of binned activations"
+    summary = "layerwise surprise: mean over post-activation units of KL(target ‖ source)"
     diff = False
     defaults: ClassVar[dict[str, Any]] = {
-        **_COMMON, "num_batches": 10, "bins": 8, "smoothing": 1e-3, "reduce": "sum",
-        "source_data": None}
+        **_COMMON, "num_batches": 10, "bins": 8, "smoothing": 1e-3, "reduce": "mean",
+        "at": "post_activation", "source_data": None}
 
     def prepare(self, model, loader, ctx):
         self._layers(model)
@@ -203,7 +203,8 @@ class LayerwiseSurprise(_PerLayer):
         weights, raw = surprise_weights(
             model, _source_batches(ctx, n, device), tgt, self.layers, diff=self.diff,
             bins=self.options["bins"], smoothing=self.options["smoothing"],
-            reduce=self.options["reduce"])
+            reduce=self.options["reduce"], at=self.options["at"])
+        self.info.update(surprise_reduce=self.options["reduce"], surprise_at=self.options["at"])
         self._record(weights, raw)
         return model
 
