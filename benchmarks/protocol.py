@@ -1,0 +1,332 @@
+"""The one protocol every fine-tuning benchmark shares (issue 17).
+
+Why: with one learning rate for all, a method whose per-layer rates are <= 1 moves less and
+"which layers" is confounded with "how far"; with different selection budgets or splits the
+ordering measures the budget. So every benchmark here:
+
+* gives every method that has a learning rate the SAME grid (``Protocol.lr_grid``, 4-5 points)
+  and so the same number of selection runs; a method without one (no fine-tuning, batch-norm
+  adaptation only) runs once. A method that selects internally (cross-validation over blocks,
+  criticality's pre-tuning epochs) keeps its candidates, and they are counted in its compute;
+* selects, per seed, the grid point with the best accuracy on the split its paper prescribes
+  (``SELECTION``: target validation for automatic fine-tuning, training-domain validation for
+  SHERPA / DomainBed, in-distribution validation for LEVI), never on test;
+* runs >= 5 seeds (``DEFAULT_SEEDS``) and reports each method as the paired difference to a
+  baseline, per seed, with the standard error of that difference (``paired_differences``,
+  ``paired_table``);
+* reports compute as runs x epochs (``Selected.runs``, ``Selected.epochs``);
+* caches pre-trained backbones under ``~/.cache/neuralign`` (``NEURALIGN_CACHE`` overrides),
+  keyed by a hash of their configuration, written atomically, never in git
+  (``cached_backbone``), and stores finished runs so a benchmark resumes (``ResultStore``).
+
+The per-seed unit, :func:`run_seed`, is a plain function of picklable arguments (module-level
+method functions or ``functools.partial``), so seeds can be mapped over worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SELECTION = {
+    "target_val": "target validation (automatic fine-tuning: Agarwala et al., Lee et al.)",
+    "train_domain_val": "training-domain validation (SHERPA; DomainBed)",
+    "id_val": "in-distribution validation (LEVI)",
+}
+PAPER_SELECTION = {"auto_finetune": "target_val", "sherpa": "train_domain_val",
+                   "levi": "id_val"}
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What every method of one benchmark shares."""
+
+    name: str
+    lr_grid: tuple[float, ...]
+    selection: str
+    epochs: int
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    bn: str = "train"
+    report: str = "test"
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTION:
+            raise ValueError(f"selection must be one of {sorted(SELECTION)}, "
+                             f"got {self.selection!r}")
+        if not self.lr_grid or any(lr <= 0 for lr in self.lr_grid):
+            raise ValueError(f"lr_grid must be positive rates, got {self.lr_grid}")
+        if len(set(self.lr_grid)) != len(self.lr_grid):
+            raise ValueError(f"lr_grid has repeated rates: {self.lr_grid}")
+        if self.epochs < 1 or not self.seeds:
+            raise ValueError("a protocol needs epochs >= 1 and at least one seed")
+
+    def describe(self) -> list[str]:
+        """Markdown bullet lines stating the protocol (for a results file)."""
+        grid = ", ".join(f"{lr:g}" for lr in self.lr_grid)
+        return [
+            f"- Learning-rate grid, the same for every method that has a rate: {grid} "
+            f"({len(self.lr_grid)} selection runs per method and seed).",
+            f"- Selection: the grid point with the best {SELECTION[self.selection]} "
+            "accuracy, per seed; never on test.",
+            f"- Seeds: {', '.join(map(str, self.seeds))} ({len(self.seeds)}); results are paired "
+            "differences to the baseline on the same seed, mean ± standard error.",
+            f"- Batch-norm policy for every method: `bn={self.bn!r}` "
+            "(`neuralign.finetune.bn`).",
+            f"- Compute: runs × epochs per seed ({self.epochs} epochs per run unless stated).",
+        ]
+
+
+@dataclass
+class Run:
+    """One training run at one learning rate: accuracies on named splits and its cost."""
+
+    lr: float | None
+    scores: dict[str, float]
+    epochs: int
+    runs: int = 1
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Method:
+    """A row: ``fn(lr, seed, task) -> Run``; ``tuned=False``: no learning rate, one run."""
+
+    label: str
+    fn: Callable[[float | None, int, Any], Run]
+    tuned: bool = True
+
+
+@dataclass
+class Selected:
+    """One method on one seed after selection."""
+
+    label: str
+    seed: int
+    chosen: Run
+    candidates: list[Run]
+
+    @property
+    def runs(self) -> int:
+        return sum(r.runs for r in self.candidates)
+
+    @property
+    def epochs(self) -> int:
+        """Total epochs trained (every candidate, internal candidates included)."""
+        return sum(r.epochs * r.runs for r in self.candidates)
+
+    def score(self, split: str) -> float:
+        return self.chosen.scores[split]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "seed": self.seed, "chosen": asdict(self.chosen),
+                "candidates": [asdict(r) for r in self.candidates]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Selected:
+        return cls(d["label"], int(d["seed"]), Run(**d["chosen"]),
+                   [Run(**r) for r in d["candidates"]])
+
+
+def select(runs: Sequence[Run], split: str) -> Run:
+    """The run with the best accuracy on ``split`` (ties: the earlier grid point)."""
+    if not runs:
+        raise ValueError("nothing to select from")
+    missing = [r.lr for r in runs if split not in r.scores]
+    if missing:
+        raise KeyError(f"runs at lr {missing} have no {split!r} score to select on")
+    best = runs[0]
+    for r in runs[1:]:
+        if r.scores[split] > best.scores[split]:
+            best = r
+    return best
+
+
+def run_method(protocol: Protocol, method: Method, seed: int, task: Any) -> Selected:
+    """Every grid point (or the single run of an untuned method), then selection."""
+    lrs: Iterable[float | None] = protocol.lr_grid if method.tuned else (None,)
+    runs = [method.fn(lr, seed, task) for lr in lrs]
+    return Selected(method.label, seed, select(runs, protocol.selection), runs)
+
+
+def run_seed(protocol: Protocol, methods: Sequence[Method], seed: int, task: Any,
+             store: ResultStore | None = None, key: str = "") -> dict[str, Selected]:
+    """The per-seed unit: every method on one seed (resuming from ``store`` when given)."""
+    out = {}
+    for m in methods:
+        k = f"{protocol.name}|{key}|{seed}|{m.label}"
+        if store is not None and k in store:
+            out[m.label] = Selected.from_json(store[k])
+            continue
+        out[m.label] = run_method(protocol, m, seed, task)
+        if store is not None:
+            store[k] = out[m.label].to_json()
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Mean paired difference to the baseline over ``n`` seeds and its standard error."""
+
+    mean: float
+    se: float
+    n: int
+    diffs: tuple[float, ...]
+
+
+def paired_differences(per_seed: Mapping[str, Mapping[int, float]], baseline: str
+                       ) -> dict[str, Paired]:
+    """Per method, ``d_s = acc_method(s) − acc_baseline(s)`` over the seeds both have; the mean
+    of ``d`` and its standard error ``sd(d, ddof=1) / sqrt(n)`` (nan for one seed)."""
+    if baseline not in per_seed:
+        raise KeyError(f"baseline {baseline!r} has no results")
+    base = per_seed[baseline]
+    out = {}
+    for name, accs in per_seed.items():
+        seeds = sorted(set(accs) & set(base))
+        d = [float(accs[s]) - float(base[s]) for s in seeds]
+        n = len(d)
+        mean = sum(d) / n if n else float("nan")
+        se = (math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) / math.sqrt(n)
+              if n > 1 else float("nan"))
+        out[name] = Paired(mean, se, n, tuple(d))
+    return out
+
+
+def _pct(x: float, signed: bool = False) -> str:
+    if x != x:  # nan
+        return "–"
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def paired_table(columns: Mapping[str, Mapping[str, Mapping[int, float]]], baseline: str,
+                 methods: Sequence[str] | None = None,
+                 compute: Mapping[str, str] | None = None) -> str:
+    """A markdown table: per column (task), the method's mean accuracy and its paired
+    difference to ``baseline`` ± SE (percentage points); ``compute`` adds a last column."""
+    names = list(methods) if methods is not None else list(
+        dict.fromkeys(m for col in columns.values() for m in col))
+    head = ["Method"]
+    for c in columns:
+        head += [f"{c}: acc", f"{c}: Δ vs {baseline} ± SE"]
+    if compute is not None:
+        head.append("compute (runs × epochs per seed)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    paired = {c: paired_differences(per, baseline) if baseline in per else {}
+              for c, per in columns.items()}
+    for m in names:
+        cells = [m]
+        for c, per in columns.items():
+            accs = per.get(m, {})
+            mean = sum(accs.values()) / len(accs) if accs else float("nan")
+            p = paired[c].get(m)
+            if p is None or p.n == 0:
+                delta = "–"
+            elif m == baseline:
+                delta = "(baseline)"
+            else:
+                delta = f"{_pct(p.mean, True)} ± {_pct(p.se)} (n={p.n})"
+            cells += [_pct(mean), delta]
+        if compute is not None:
+            cells.append(compute.get(m, "–"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compute_cell(selected: Sequence[Selected]) -> str:
+    """``runs × epochs`` per seed of one method (mean over its seeds)."""
+    if not selected:
+        return "–"
+    runs = sum(s.runs for s in selected) / len(selected)
+    epochs = sum(s.epochs for s in selected) / len(selected)
+    return f"{runs:g} runs, {epochs:g} epochs"
+
+
+# --------------------------------------------------------------------------- caches
+
+
+def cache_root() -> Path:
+    """``$NEURALIGN_CACHE`` or ``~/.cache/neuralign`` (outside the repository)."""
+    return Path(os.environ.get("NEURALIGN_CACHE", Path.home() / ".cache" / "neuralign"))
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """A stable 16-hex-digit hash of a JSON-able configuration (key order does not matter)."""
+    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_backbone(name: str, config: Mapping[str, Any], make: Callable[[], Any],
+                    train: Callable[[Any], None], root: Path | None = None
+                    ) -> tuple[Any, dict[str, Any]]:
+    """A pre-trained backbone, trained once and reused.
+
+    ``make()`` builds the untrained model (the same architecture every time), ``train(model)``
+    pre-trains it in place. The weights go to ``<root>/backbones/<name>-<hash>.safetensors``
+    with a JSON sidecar recording the config and the one-off training seconds; both are written
+    to a temporary file and renamed, so an interrupted run leaves no partial file. Returns
+    ``(model, {"path", "cached", "seconds", "config"})``."""
+    from safetensors.torch import load_file, save_file
+
+    root = cache_root() if root is None else Path(root)
+    path = root / "backbones" / f"{name}-{config_key(config)}.safetensors"
+    meta_path = path.with_suffix(".json")
+    model = make()
+    if path.exists() and meta_path.exists():
+        model.load_state_dict(load_file(str(path)), strict=True)
+        meta = json.loads(meta_path.read_text())
+        return model, {"path": str(path), "cached": True, "seconds": meta["seconds"],
+                       "config": meta["config"]}
+    t0 = time.perf_counter()
+    train(model)
+    seconds = time.perf_counter() - t0
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write_bytes(path, lambda p: save_file(state, str(p)))
+    meta = {"name": name, "config": dict(config), "seconds": seconds}
+    _atomic_write_bytes(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1,
+                                                                     default=str)))
+    return model, {"path": str(path), "cached": False, "seconds": seconds,
+                   "config": dict(config)}
+
+
+class ResultStore:
+    """A JSON dict of finished results, rewritten atomically after every put (resume)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = (json.loads(self.path.read_text())
+                                     if self.path.exists() else {})
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        blob = json.dumps(self.data, default=str)
+        _atomic_write_bytes(self.path, lambda p: p.write_text(blob))

@@ -1,0 +1,138 @@
+"""The shared fine-tuning benchmark protocol (benchmarks/protocol.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("nl_protocol", ROOT / "benchmarks" /
+                                                  "protocol.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["nl_protocol"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+P = _load()
+
+
+def test_paired_differences_match_a_hand_calculation():
+    per_seed = {"base": {0: 0.50, 1: 0.60, 2: 0.70, 3: 0.40},
+                "m": {0: 0.55, 1: 0.68, 2: 0.71}}  # seed 3 missing: only common seeds pair
+    p = P.paired_differences(per_seed, "base")["m"]
+    # d = 0.05, 0.08, 0.01; mean 0.046667; sd(ddof=1) = sqrt(0.0024667 / 2) = 0.035119
+    assert p.n == 3
+    assert p.mean == pytest.approx(0.14 / 3)
+    assert p.se == pytest.approx(0.0351188 / math.sqrt(3), rel=1e-5)
+    assert p.diffs == pytest.approx((0.05, 0.08, 0.01))
+    b = P.paired_differences(per_seed, "base")["base"]
+    assert b.mean == 0 and b.se == 0 and b.n == 4
+    one = P.paired_differences({"base": {0: 0.5}, "m": {0: 0.6}}, "base")["m"]
+    assert one.mean == pytest.approx(0.1) and math.isnan(one.se)
+    with pytest.raises(KeyError):
+        P.paired_differences(per_seed, "nope")
+
+
+def test_table_shows_paired_differences_and_compute():
+    cols = {"input": {"base": {0: 0.5, 1: 0.6}, "m": {0: 0.6, 1: 0.8}}}
+    md = P.paired_table(cols, "base", compute={"m": "5 runs, 20 epochs"})
+    lines = md.splitlines()
+    assert lines[0].startswith("| Method | input: acc | input: Δ vs base ± SE |")
+    base_row = next(row for row in lines if row.startswith("| base |"))
+    assert "(baseline)" in base_row and "55.0" in base_row
+    m_row = next(row for row in lines if row.startswith("| m |"))
+    # d = 0.1, 0.2: mean +15.0, SE = sd(0.1, 0.2)/sqrt(2) = 0.070711/1.41421 = 0.05 -> 5.0
+    assert "+15.0 ± 5.0 (n=2)" in m_row and "5 runs, 20 epochs" in m_row
+
+
+def _run(lr, seed, task, *, log, val, test):
+    log.append((lr, seed))
+    i = 0 if lr is None else task["grid"].index(lr)
+    return P.Run(lr=lr, scores={task["split"]: val[i], "test": test[i]}, epochs=3)
+
+
+@pytest.mark.parametrize("split", ["target_val", "train_domain_val", "id_val"])
+def test_selection_uses_the_prescribed_split_never_test(split):
+    grid = (1e-3, 1e-2, 1e-1)
+    proto = P.Protocol("t", grid, split, epochs=3, seeds=(0,))
+    log = []
+    # best on validation: grid point 1; best on test: grid point 2
+    m = P.Method("m", partial(_run, log=log, val=[0.5, 0.9, 0.6], test=[0.1, 0.2, 0.9]))
+    sel = P.run_method(proto, m, 0, {"grid": grid, "split": split})
+    assert sel.chosen.lr == 1e-2 and sel.score("test") == 0.2
+    assert sel.runs == 3 and sel.epochs == 9
+    other = "id_val" if split != "id_val" else "target_val"
+    with pytest.raises(KeyError, match=f"no '{other}' score"):
+        P.select(sel.candidates, other)
+
+
+def test_every_tuned_method_gets_the_same_grid_and_untuned_one_run(tmp_path):
+    grid = (3e-4, 1e-3, 3e-3, 1e-2)
+    proto = P.Protocol("t", grid, "target_val", epochs=2, seeds=(0, 1))
+    logs = {k: [] for k in ("a", "b", "none")}
+    methods = [
+        P.Method("a", partial(_run, log=logs["a"], val=[1, 2, 3, 4], test=[0] * 4)),
+        P.Method("b", partial(_run, log=logs["b"], val=[4, 3, 2, 1], test=[0] * 4)),
+        P.Method("none", partial(_run, log=logs["none"], val=[0], test=[0]), tuned=False),
+    ]
+    task = {"grid": grid, "split": "target_val"}
+    store = P.ResultStore(tmp_path / "res.json")
+    out = P.run_seed(proto, methods, 1, task, store=store, key="task")
+    assert [lr for lr, _ in logs["a"]] == list(grid) == [lr for lr, _ in logs["b"]]
+    assert logs["none"] == [(None, 1)]
+    assert out["a"].chosen.lr == 1e-2 and out["b"].chosen.lr == 3e-4
+    # resume: a second call reads the store and trains nothing
+    again = P.run_seed(proto, methods, 1, task, store=P.ResultStore(tmp_path / "res.json"),
+                       key="task")
+    assert len(logs["a"]) == len(grid) and again["a"].chosen.lr == 1e-2
+    assert again["b"].epochs == out["b"].epochs == 12
+
+
+def test_backbone_cache_trains_once_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURALIGN_CACHE", str(tmp_path / "c"))
+    assert P.cache_root() == tmp_path / "c"
+    trained = []
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Linear(4, 2)
+
+    def train(model):
+        trained.append(1)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+
+    cfg = {"arch": "linear", "epochs": 3}
+    m1, info1 = P.cached_backbone("toy", cfg, make, train)
+    m2, info2 = P.cached_backbone("toy", {"epochs": 3, "arch": "linear"}, make, train)
+    assert trained == [1] and not info1["cached"] and info2["cached"]
+    assert info2["seconds"] == pytest.approx(info1["seconds"])
+    assert torch.equal(m1.weight, m2.weight)
+    assert info1["path"].startswith(str(tmp_path / "c" / "backbones"))
+    files = sorted(p.name for p in (tmp_path / "c" / "backbones").iterdir())
+    assert len(files) == 2 and not any(f.endswith(".tmp") for f in files)
+    P.cached_backbone("toy", {"arch": "linear", "epochs": 4}, make, train)
+    assert trained == [1, 1]  # another config, another entry
+
+
+def test_protocol_validates_itself():
+    with pytest.raises(ValueError, match="selection"):
+        P.Protocol("t", (1e-3,), "test", epochs=1)
+    with pytest.raises(ValueError, match="repeated"):
+        P.Protocol("t", (1e-3, 1e-3), "id_val", epochs=1)
+    proto = P.Protocol("t", (1e-3, 1e-2), "id_val", epochs=1)
+    assert proto.seeds == (0, 1, 2, 3, 4) and len(proto.seeds) >= 5
+    assert any("1e-3" in line or "0.001" in line for line in proto.describe())
+    assert P.PAPER_SELECTION == {"auto_finetune": "target_val", "sherpa": "train_domain_val",
+                                 "levi": "id_val"}
