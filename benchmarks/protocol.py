@@ -93,6 +93,7 @@ class Run:
     scores: dict[str, float]
     epochs: int
     runs: int = 1
+    extra_epochs: int = 0  # e.g. criticality's pre-tuning epochs
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -121,7 +122,7 @@ class Selected:
     @property
     def epochs(self) -> int:
         """Total epochs trained (every candidate, internal candidates included)."""
-        return sum(r.epochs * r.runs for r in self.candidates)
+        return sum(r.epochs * r.runs + r.extra_epochs for r in self.candidates)
 
     def score(self, split: str) -> float:
         return self.chosen.scores[split]
@@ -202,6 +203,22 @@ def paired_differences(per_seed: Mapping[str, Mapping[int, float]], baseline: st
               if n > 1 else float("nan"))
         out[name] = Paired(mean, se, n, tuple(d))
     return out
+
+
+def compare(per_seed: Mapping[str, Mapping[int, float]], a: str, b: str) -> Paired:
+    """The paired difference ``a − b`` over the seeds both have."""
+    return paired_differences({a: per_seed[a], b: per_seed[b]}, b)[a]
+
+
+def verdict(p: Paired, z: float = 2.0) -> str:
+    """``"appears"`` when the difference is > z standard errors above 0, ``"reversed"`` when
+    below −z SE, ``"not resolved"`` otherwise (or with fewer than 2 seeds)."""
+    if p.n < 2 or p.se != p.se:
+        return "not resolved (fewer than 2 seeds)"
+    if p.se == 0:
+        return "appears" if p.mean > 0 else ("reversed" if p.mean < 0 else "not resolved")
+    t = p.mean / p.se
+    return "appears" if t > z else ("reversed" if t < -z else "not resolved")
 
 
 def _pct(x: float, signed: bool = False) -> str:

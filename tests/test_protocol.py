@@ -136,3 +136,15 @@ def test_protocol_validates_itself():
     assert any("1e-3" in line or "0.001" in line for line in proto.describe())
     assert P.PAPER_SELECTION == {"auto_finetune": "target_val", "sherpa": "train_domain_val",
                                  "levi": "id_val"}
+
+
+def test_compare_and_verdict():
+    per = {"a": {0: 0.6, 1: 0.7, 2: 0.65}, "b": {0: 0.5, 1: 0.6, 2: 0.56}}
+    p = P.compare(per, "a", "b")
+    assert p.mean == pytest.approx(0.0966667, rel=1e-5) and p.n == 3
+    assert P.verdict(p) == "appears"
+    assert P.verdict(P.compare(per, "b", "a")) == "reversed"
+    noisy = {"a": {0: 0.6, 1: 0.4}, "b": {0: 0.5, 1: 0.5}}
+    assert P.verdict(P.compare(noisy, "a", "b")) == "not resolved"
+    run = P.Run(lr=1e-3, scores={"id_val": 1.0}, epochs=4, runs=2, extra_epochs=3)
+    assert P.Selected("m", 0, run, [run]).epochs == 11
