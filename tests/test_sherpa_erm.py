@@ -57,11 +57,14 @@ def test_head_new_equals_erm_after_fine_tuning(setup, strategy, seed):
 def test_head_anchor_and_lambda_start_are_not_no_ops(setup):
     d, test, m, anchor, erm = setup
     x = test.tensors[0]
-    for opts in ({"head": "anchor"}, {"head": "anchor", "lam": 0.5}):
+    runs = {}
+    for name, opts in (("anchor", {"head": "anchor"}), ("lam", {"head": "anchor", "lam": 0.5})):
         res = finetune(m, d, strategy="sherpa", anchor=anchor, seed=0, **KW, **opts)
         assert not res.info["equivalent_to_erm"]
         assert (_logits(res.model, x) - _logits(erm[0], x)).abs().max() > 1e-2
+        runs[name] = res.model
     # the control of the head transplant: the anchor's head on randomly permuted features
     ctrl = finetune(m, d, strategy="random_perm", head="anchor", anchor=anchor, perm_seed=3,
                     seed=0, **KW)
     assert (_logits(ctrl.model, x) - _logits(erm[0], x)).abs().max() > 1e-2
+    assert (_logits(ctrl.model, x) - _logits(runs["anchor"], x)).abs().max() > 1e-2
