@@ -271,9 +271,10 @@ def setup_text(args, meta) -> list[str]:
     pq = meta.get("probe", {})
     if pq:
         gap = 100 * abs(pq["M"] - pq["B"])
+        warn = "" if gap <= 2 else ": MORE THAN 2, the anchor is not of equal quality"
         out.append(f"- Backbone quality (converged linear probe on the source domains, first "
                    f"left-out domain): M {100 * pq['M']:.1f}%, B {100 * pq['B']:.1f}% "
-                   f"(gap {gap:.1f} points{'' if gap <= 2 else ': MORE THAN 2, the anchor is not of equal quality'}).")
+                   f"(gap {gap:.1f} points{warn}).")
     out.append(f"- Fine-tuning: SGD momentum 0.9, cosine, batch {args.batch_size}, "
                f"{args.epochs} epochs (best epoch on training-domain validation), weight decay "
                f"{args.weight_decay}; every method from a fresh head seeded like ERM's; "

@@ -295,7 +295,8 @@ def finetune(
     current = head_out_features(work)
     if reset_head is False and num_classes is not None and current != num_classes:
         raise NeuralignError(
-            f"the model's head has {current} outputs but num_classes={num_classes}; allow reset_head"
+            f"the model's head has {current} outputs but num_classes={num_classes}; "
+            "allow reset_head"
         )
     if reset_head or (num_classes is not None and current != num_classes):
         work = new_head(work, num_classes if num_classes is not None else current, seed)

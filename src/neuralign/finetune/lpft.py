@@ -22,8 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from neuralign.errors import NeuralignError
-from neuralign.finetune.api import FinetuneContext, Strategy, as_loader, head_module
-from neuralign.finetune.api import register_strategy
+from neuralign.finetune.api import (
+    FinetuneContext,
+    Strategy,
+    as_loader,
+    head_module,
+    register_strategy,
+)
 
 __all__ = ["LPFT", "head_features", "fit_logistic", "probe_head"]
 

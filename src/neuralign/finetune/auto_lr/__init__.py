@@ -1,7 +1,7 @@
 """Automatic per-layer fine-tuning (Agarwala et al., "Automatic fine-tuning"; Lee et al.'s
 Auto-RGN / Auto-SNR): scores that pick a learning-rate weight per layer, and the strategies
-``auto_rgn``, ``auto_snr`` (Lee's 0/1 mask), ``auto_snr_scaled``, ``auto_rgn_hessian``, ``auto_rgn_change``,
-``auto_rgn_hessian_change``, ``layerwise_surprise``, ``layerwise_surprise_diff``,
+``auto_rgn``, ``auto_snr`` (Lee's 0/1 mask), ``auto_snr_scaled``, ``auto_rgn_hessian``,
+``auto_rgn_change``, ``auto_rgn_hessian_change``, ``layerwise_surprise``, ``layerwise_surprise_diff``,
 ``module_criticality`` and ``cross_validation`` registered in ``neuralign.finetune``.
 """
 

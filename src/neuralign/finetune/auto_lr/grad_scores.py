@@ -19,8 +19,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from neuralign.errors import DataError, NeuralignError
-from neuralign.finetune.bn import DEFAULT_BN, training_mode
 from neuralign.finetune.auto_lr.layers import Layer, normalise_scores
+from neuralign.finetune.bn import DEFAULT_BN, training_mode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
