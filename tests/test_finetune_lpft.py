@@ -73,5 +73,7 @@ def test_without_validation_a_held_out_part_of_the_training_set_selects():
 def test_sgd_probe_and_bad_options():
     res = finetune(_model(), _data(), strategy="lp_ft", probe="sgd", lp_epochs=1, epochs=1, **KW)
     assert res.info["probe"] == "sgd" and res.info["lp_epochs"] == 1
+    with pytest.raises(NeuralignError, match="probe='sgd'"):
+        finetune(_model(), _data(), strategy="lp_ft", lp_epochs=2, epochs=1, **KW)
     with pytest.raises(NeuralignError, match="probe must be"):
         finetune(_model(), _data(), strategy="lp_ft", probe="closed", epochs=1, **KW)

@@ -140,6 +140,10 @@ class LPFT(Strategy):
         from neuralign.finetune.basic import head_params
 
         probe = self.options["probe"]
+        if probe == "lbfgs" and (self.options["lp_epochs"] is not None
+                                 or self.options["lp_lr"] is not None):
+            raise NeuralignError("lp_ft: lp_epochs and lp_lr set the SGD probe; pass "
+                                 "probe='sgd' with them (the default probe is converged L-BFGS)")
         if probe == "lbfgs":
             val = None if ctx.val_loader is None else ctx.val_loader.dataset
             chosen = probe_head(model, loader.dataset, val, int(ctx.num_classes),
