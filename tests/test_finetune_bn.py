@@ -53,12 +53,15 @@ def record_modes(model):
     return seen
 
 
-@pytest.mark.parametrize("strategy", ["auto_rgn", "auto_rgn_hessian"])
+@pytest.mark.parametrize("strategy", ["auto_rgn", "auto_rgn_hessian", "auto_snr",
+                                      "auto_rgn_change"])
 @pytest.mark.parametrize("bn", [None, "frozen", "adapt"])
 def test_gradient_scores_are_taken_in_the_training_mode(strategy, bn):
     model = cnn()
     seen = record_modes(model)
     kw = {} if bn is None else {"bn": bn}
+    if strategy == "auto_rgn_change":
+        kw["source_data"] = data(seed=7, shift=0.0)
     res = finetune(model, data(), strategy=strategy, **{**KW, "epochs": 2}, **kw)
     assert len(res.info["weights_history"]) >= 1 and len(seen) == 4
     for i, flags in seen.items():

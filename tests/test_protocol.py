@@ -148,3 +148,31 @@ def test_compare_and_verdict():
     assert P.verdict(P.compare(noisy, "a", "b")) == "not resolved"
     run = P.Run(lr=1e-3, scores={"id_val": 1.0}, epochs=4, runs=2, extra_epochs=3)
     assert P.Selected("m", 0, run, [run]).epochs == 11
+
+
+def _bench(name):
+    spec = importlib.util.spec_from_file_location(f"nl_bench_{name}", ROOT / "benchmarks" /
+                                                  f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmarks_use_the_protocol_with_the_issue_rows():
+    from neuralign.finetune import list_strategies
+
+    af = _bench("auto_finetune")
+    strategies = {r[1] for r in af.ROWS}
+    paper = {"cross_validation", "auto_rgn", "auto_snr", "auto_rgn_hessian", "auto_rgn_change",
+             "auto_rgn_hessian_change", "layerwise_surprise", "layerwise_surprise_diff",
+             "module_criticality"}
+    assert paper | {"full", "bn_adapt", None} <= strategies
+    assert strategies - {None} <= set(list_strategies())
+    assert len(af.FULL["lr_grid"]) in (4, 5) and len(af.FULL["seeds"]) >= 5
+    assert {r[0] for r in af.ROWS if not r[3]} == {"No fine-tuning", "BN adaptation only"}
+    dg = _bench("sherpa_dg")
+    rows = set(dg.DEFAULT_METHODS.split(","))
+    assert {"erm", "erm2x", "lpft", "rp_anc", "sh_new", "sh_anc_a1", "sh_anc_a6",
+            "sh_lam_a1"} <= rows
+    assert len(dg.FULL["lr_grid"]) in (4, 5) and dg.FULL["seeds"] >= 10
+    assert dg.FULL["per_domain"] >= 500
