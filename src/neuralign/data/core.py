@@ -239,9 +239,8 @@ def load_data(name: str, *, data_seed: int = 0, root=None, subset: int | None = 
     if key not in DATASETS and ":" in name:
         from neuralign.data import sources
 
-        if root is not None:
-            raise DataError(f"{name} takes no root: the path is part of the name")
-        splits = sources.load_source(name, data_seed=data_seed, **kw)
+        extra = {"root": root} if root is not None else {}
+        splits = sources.load_source(name, data_seed=data_seed, **extra, **kw)
         return _train_subset(splits, subset, data_seed) if subset is not None else splits
     if key not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}, or "

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from neuralign.errors import ArchitectureMismatchError, CheckpointError, NeuralignError
 from neuralign.io.checkpoint import read_record, sidecar_path
 from neuralign.io.formats import assert_finite, check_exists, is_hf_dir, read_tensors
+
+if TYPE_CHECKING:  # torch is imported when a load happens, not with the package
+    from torch import nn
 
 
 def load_state_dict(path, *, allow_pickle: bool = False, check_finite: bool = True,
