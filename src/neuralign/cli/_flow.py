@@ -89,8 +89,8 @@ def loaders(inp: Inputs, batch_size: int = EVAL_BATCH_SIZE, fit_batches: int | N
     return fit, inp.splits.loader("val", batch_size, shuffle=False)
 
 
-def model_output(flag: str, path: str | None) -> Output:
-    return Output(flag, path, "model")
+def model_output(flag: str, path: str | None, command: str) -> Output:
+    return Output(flag, path, "model", command)
 
 
 def plot_output(path: str | None) -> Output:

@@ -31,6 +31,29 @@ class Output:
     flag: str  # e.g. "--out"
     path: str | None
     kind: str  # model | plot | json | dir
+    command: str | None = None  # models: --force replaces only what this command wrote
+
+
+def recorded_command(path: Path) -> str | None:
+    """The ``command`` a neuralign checkpoint records in its safetensors header, if any."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 100_000_000:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return None
+    for v in meta.values():
+        try:
+            rec = json.loads(v)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("metadata"), dict):
+            cmd = rec["metadata"].get("command")
+            if cmd:
+                return str(cmd)
+    return None
 
 
 def sniff(path: Path) -> str:
@@ -124,6 +147,9 @@ def check_outputs(outputs: list[Output], inputs=(), *, force: bool = False) -> N
                      f"{KIND_NAMES[o.kind]}; it is never replaced, choose another path")
             elif not force:
                 fail(f"{o.flag} {o.path} exists; pass --force to replace it")
+            elif o.kind == "model" and o.command and recorded_command(path) != o.command:
+                fail(f"{o.flag} {o.path} exists and is not an output of 'neuralign "
+                     f"{o.command}'; --force replaces only those: choose another path")
         _writable_folder(path.parent if o.kind != "dir" or not path.exists() else path,
                          o.flag)
 

@@ -84,7 +84,8 @@ def register(app: typer.Typer) -> None:
             fail(f"--method {method} matches activations: it needs --data")
         margs = ModelArgs(arch, model_option, allow_pickle)
         dargs = _data.DataArgs(data, data_seed, data_root, image_size, test_domain)
-        _flow.prepare([a, b], margs, dargs, [_flow.model_output("--out", out)], force=force,
+        _flow.prepare([a, b], margs, dargs, [_flow.model_output("--out", out, "align")],
+                      force=force,
                       device=device)
         with rep.running():
             from neuralign.align import align_models
@@ -98,7 +99,8 @@ def register(app: typer.Typer) -> None:
                 loader = inp.splits.loader("train", batch_size, shuffle=True, seed=seed)
                 example = _data.example_batch(inp.splits)
             else:
-                example = example_input(ma, shape, a)
+                recorded = (inp.infos[0] or {}).get("input_shape")
+                example = example_input(ma, shape or (tuple(recorded) if recorded else None), a)
             options = {}
             if method in ("activation", "corr", "cov"):
                 options["max_batches"] = batches

@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         if device and device != "cpu":
             fail("federate runs its clients on the CPU; --device cpu only")
         model_kwargs = parse_options(model_option, flag="-m/--model-option")
-        check_outputs([Output("--out", out, "json"), Output("--save-model", save_model, "model"),
+        check_outputs([Output("--out", out, "json"), Output("--save-model", save_model, "model", "federate"),
                        Output("--write-app", write_app, "dir")], [data_root] if data_root
                       else [], force=force)
         with rep.running():

@@ -62,10 +62,11 @@ def _split_list(values: list[str] | None) -> list[str] | None:
 
 
 def _outputs(out, weights_out, strategy) -> list[Output]:
-    outs = [Output("--out", out, "model")]
+    outs = [Output("--out", out, "model", "finetune")]
     if out and strategy == "ensemble":
         stem = out.removesuffix(".safetensors")
-        outs = [Output("--out", f"{stem}.member{i}.safetensors", "model") for i in range(8)]
+        outs = [Output("--out", f"{stem}.member{i}.safetensors", "model", "finetune")
+                for i in range(8)]
     if weights_out:
         outs += [Output("--weights-out", weights_out, "json"),
                  Output("--weights-out (plot)", str(Path(weights_out).with_suffix(".png")),

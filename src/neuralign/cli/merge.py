@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
             fail(f"--method {method} matches units itself: drop --align {align}")
         margs = ModelArgs(arch, model_option, allow_pickle)
         dargs = _data.DataArgs(data, data_seed, data_root, image_size, test_domain)
-        _flow.prepare(checkpoints, margs, dargs, [_flow.model_output("--out", out)],
+        _flow.prepare(checkpoints, margs, dargs, [_flow.model_output("--out", out, "merge")],
                       force=force, device=device)
         with rep.running():
             from neuralign.evaluation import evaluate

@@ -29,11 +29,17 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "linear", "constant")
 
 
-def model_kwargs_for(splits) -> dict:
+def model_kwargs_for(splits, model: str = "") -> dict:
+    """Constructor arguments that make ``model`` fit the data's input shape and classes."""
+    import math
+
     c, *spatial = splits.input_shape
     kw = {"num_classes": splits.num_classes, "in_channels": c}
     if len(spatial) == 2:
         kw["image_size"] = spatial[0]
+    if model == "mlp" and len(spatial) != 2:
+        kw = {"num_classes": splits.num_classes,
+              "in_features": math.prod(splits.input_shape)}
     return kw
 
 
@@ -81,7 +87,7 @@ def register(app: typer.Typer) -> None:
         _check_arch(model)
         opts = parse_options(model_option, flag="-m/--model-option")
         check_data_name(data)
-        check_outputs([_flow.model_output("--out", out)], _flow.data_input_paths(data),
+        check_outputs([_flow.model_output("--out", out, "train")], _flow.data_input_paths(data),
                       force=force)
         with rep.running():
             import torch
@@ -94,9 +100,13 @@ def register(app: typer.Typer) -> None:
             dargs = _data.DataArgs(data, data_seed, data_root, image_size, test_domain, subset)
             splits = _data.load(data, data_seed, dargs)
             torch.manual_seed(seed)
-            net = get_model(model, **{**model_kwargs_for(splits), **opts})
+            net = get_model(model, **{**model_kwargs_for(splits, model), **opts})
             if device:
                 net.to(device)
+            from neuralign.cli._models import check_accepts
+
+            x = _data.example_batch(splits)
+            check_accepts(net, x.to(device) if device else x, f"--model {model}")
             hist = train(net, splits.loader("train", batch_size, seed=seed), epochs=epochs,
                          lr=lr, optimizer=optimizer, schedule=schedule,
                          weight_decay=weight_decay, seed=seed, device=device)

@@ -115,8 +115,10 @@ def run_server(grid, run_config: dict) -> dict:
 
         final = hist.pop("_final_arrays", None)
         if final is not None:
-            save_model(model_from_arrays(task, final), save,
-                       metadata={"federated": {k: v for k, v in hist.items() if k != "task"}})
+            meta = {"command": "federate", "data": task.dataset,
+                    "data_seed": getattr(task, "data_seed", 0), "seed": task.seed,
+                    "federated": {k: v for k, v in hist.items() if k != "task"}}
+            save_model(model_from_arrays(task, final), save, metadata=json_safe(meta))
     hist.pop("_final_arrays", None)
     LAST_RESULT.clear()
     LAST_RESULT.update(hist)
