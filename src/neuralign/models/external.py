@@ -13,12 +13,13 @@ that file strictly.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 
 from torch import nn
 
-from neuralign.errors import NeuralignError
+from neuralign.errors import ArchitectureMismatchError, NeuralignError
 from neuralign.models.weights import find_input_conv, load_strict, set_input_channels
 
 
@@ -154,7 +155,8 @@ def hf_model(path: str, num_classes=None, weights=None, in_channels=None, image_
     if weights is None:
         return _hf_pretrained(auto, folder, config, num_classes is not None)
     try:
-        model = auto.from_config(config)
+        with _quiet_transformers():
+            model = auto.from_config(config)
     except ValueError as exc:
         raise NeuralignError(f"hf:{path}: {str(exc).splitlines()[0][:200]}") from exc
     if weights is False:
@@ -164,23 +166,51 @@ def hf_model(path: str, num_classes=None, weights=None, in_channels=None, image_
                        new_head=_head_name(model) if num_classes is not None else None)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No loading reports or progress bars from transformers: neuralign reports what matters
+    (as one-line errors) itself."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _hf_pretrained(auto, folder: Path, config, new_head: bool) -> nn.Module:
     from neuralign.io.formats import hf_weight_file
 
     hf_weight_file(folder)  # a one-line error when the directory has no weights
     try:
-        model, info = auto.from_pretrained(str(folder), config=config, local_files_only=True,
-                                           output_loading_info=True,
-                                           ignore_mismatched_sizes=new_head)
+        with _quiet_transformers():
+            model, info = auto.from_pretrained(str(folder), config=config,
+                                               local_files_only=True, output_loading_info=True,
+                                               ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise NeuralignError(f"hf:{folder}: cannot load ({str(exc).splitlines()[0][:200]})"
                              ) from exc
     head = _head_name(model) if new_head else None
-    bad = [k for k in info.get("missing_keys", []) if not (head and k.startswith(head + "."))]
-    bad += [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])
-            if not (head and (k if isinstance(k, str) else k[0]).startswith(head + "."))]
+
+    def in_head(key: str) -> bool:
+        return bool(head) and key.startswith(head + ".")
+
+    bad = [(k, "missing from the weights") for k in info.get("missing_keys", [])
+           if not in_head(k)]
+    for item in info.get("mismatched_keys", []):
+        key = item if isinstance(item, str) else item[0]
+        if not in_head(key):
+            shapes = (f": {tuple(item[1])} in the file, {tuple(item[2])} in the model"
+                      if not isinstance(item, str) and len(item) >= 3 else "")
+            bad.append((key, "of another shape" + shapes))
     if bad:
-        raise NeuralignError(f"hf:{folder}: the weights do not fit {type(model).__name__} "
-                             f"({len(bad)} tensors missing or of another shape, first: "
-                             f"{bad[0]!r})")
+        raise ArchitectureMismatchError(
+            f"hf:{folder}: the weights do not fit {type(model).__name__} built from its "
+            f"config.json ({len(bad)} tensors; first: {bad[0][0]!r} {bad[0][1]})")
     return model
