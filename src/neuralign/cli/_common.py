@@ -76,6 +76,17 @@ class OneLineGroup(TyperGroup):
     for the traceback). Used both by the console script and by ``CliRunner``."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        with _InterruptFlag() as flag:
+            rv = self._main_once(args, prog_name, complete_var, flag, **extra)
+        if not standalone_mode:
+            return rv
+        if rv == 130:  # an interrupt half-way through an import can resurface at shutdown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def _main_once(self, args, prog_name, complete_var, flag, **extra):
         try:
             rv = super().main(args=args, prog_name=prog_name or "neuralign",
                               complete_var=complete_var, standalone_mode=False, **extra)
@@ -83,25 +94,57 @@ class OneLineGroup(TyperGroup):
             rv = exc.exit_code
         except click.ClickException as exc:
             _print_error(exc.format_message())
-            rv = 2
+            return 2
         except (KeyboardInterrupt, click.Abort):
-            _print_error("interrupted; no output was written or replaced")
-            rv = 130
-        except Exception as exc:
+            _print_error(INTERRUPTED)
+            return 130
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            if flag.hit:  # Ctrl-C inside an import or C code surfaces as another error
+                _print_error(INTERRUPTED)
+                return 130
             msg = _user_error(exc)
-            if msg is None:
-                if os.environ.get("NEURALIGN_DEBUG"):
-                    raise
-                msg = (f"internal error ({type(exc).__name__}: {one_line(exc)[:300]}); "
-                       "rerun with NEURALIGN_DEBUG=1 for the traceback and report it")
+            if msg is not None:
                 _print_error(msg)
-                rv = 1
-            else:
-                _print_error(msg)
-                rv = 2
-        if not standalone_mode:
-            return rv
-        sys.exit(rv if isinstance(rv, int) else 0)
+                return 2
+            if os.environ.get("NEURALIGN_DEBUG"):
+                raise
+            _print_error(f"internal error ({type(exc).__name__}: {one_line(exc)[:300]}); "
+                         "rerun with NEURALIGN_DEBUG=1 for the traceback and report it")
+            return 1
+        if flag.hit and rv == 130:  # typer turned the KeyboardInterrupt into exit 130
+            _print_error(INTERRUPTED)
+        return rv
+
+
+INTERRUPTED = "interrupted (files are written atomically: none is left half-written)"
+
+
+class _InterruptFlag:
+    """Notes a Ctrl-C (then raises KeyboardInterrupt as usual), so that an interrupt that
+    surfaces as another exception is still reported as one."""
+
+    def __init__(self):
+        self.hit, self._old = False, None
+
+    def _handler(self, signum, frame):
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 def run_app(app: typer.Typer) -> None:
