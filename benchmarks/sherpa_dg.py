@@ -92,14 +92,14 @@ def pretrain(args, seed: int) -> torch.nn.Module:
 def backbones(args):
     if args.data == "rotated_fashion_mnist":
         return pretrain(args, 0), pretrain(args, 1)
-    m = get_model(args.arch, weights=args.weights) if args.weights else get_model(args.arch)
+    m = get_model(args.arch, weights=args.weights, allow_pickle=True) if args.weights else get_model(args.arch)
     if args.anchor_weights:
-        b = get_model(args.arch, weights=args.anchor_weights)
+        b = get_model(args.arch, weights=args.anchor_weights, allow_pickle=True)
     else:
         print("warning: no --anchor-weights; the anchor backbone is a second initialisation"
               + (" with the same weights" if args.weights else ""), flush=True)
         torch.manual_seed(1)
-        b = get_model(args.arch, weights=args.weights) if args.weights else get_model(args.arch)
+        b = get_model(args.arch, weights=args.weights, allow_pickle=True) if args.weights else get_model(args.arch)
     return m, b
 
 

@@ -138,11 +138,15 @@ def test_nonfinite_weights_refused_on_every_load(saved, tmp_path, value):
                               .layer2[0].conv1.weight).all()
 
 
-def test_metadata_must_be_finite_json(saved, tmp_path):
+def test_metadata_is_strict_json_nan_as_null(saved, tmp_path):
     m, _ = saved
-    with pytest.raises(CheckpointError, match="finite"):
-        save_model(m, tmp_path / "x.safetensors", metadata={"history": [0.5, float("nan")]})
-    assert not (tmp_path / "x.safetensors").exists()
+    p = save_model(m, tmp_path / "x.safetensors",
+                   metadata={"history": [0.5, float("nan")], "best": float("inf")})
+    with safe_open(str(p), "pt") as f:
+        raw = f.metadata()["neuralign"]
+    assert "NaN" not in raw and "Infinity" not in raw
+    info = read_info(p)
+    assert info["history"] == [0.5, None] and info["best"] is None
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "zero", "truncated", "garbage",

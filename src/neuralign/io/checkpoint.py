@@ -38,21 +38,21 @@ def sidecar_path(path) -> Path:
     return Path(str(path) + ".json")
 
 
-def _no_nonfinite(obj, where: str = "metadata"):
+def _finite(obj):
+    """``obj`` with NaN/Inf floats as None (JSON null): strict JSON, and a run's weights are
+    never lost to a NaN in its history."""
     if isinstance(obj, float) and not math.isfinite(obj):
-        raise CheckpointError(f"{where} is {obj}: checkpoint metadata must be finite JSON")
+        return None
     if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            _no_nonfinite(v, f"{where}[{k!r}]")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _no_nonfinite(v, f"{where}[{i}]")
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _encode_record(record: dict) -> str:
-    _no_nonfinite(record)
     try:
-        return json.dumps(record, allow_nan=False, default=str, sort_keys=True)
+        return json.dumps(_finite(record), allow_nan=False, default=str, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint metadata is not JSON: {exc}") from exc
 
@@ -79,7 +79,8 @@ def _warn_nonfinite(tensors: Mapping, path: Path) -> None:
 
 def save_state_dict(state_dict: Mapping, path, metadata: dict | None = None) -> Path:
     """Save tensors (shared storage copied apart) with ``metadata`` as the checkpoint's record,
-    in one atomic write. ``metadata`` must be JSON without NaN/Inf."""
+    in one atomic write. ``metadata`` is stored as JSON (NaN/Inf as null; other objects as
+    their ``str``)."""
     from safetensors.torch import save_file
 
     path = Path(path)
