@@ -223,3 +223,37 @@ def test_save_state_dict_keeps_a_custom_record(tmp_path):
         p = save_state_dict({"w": torch.ones(2)}, tmp_path / "s.safetensors",
                             {"levi": {"task": "cls"}})
     assert read_record(p)["levi"] == {"task": "cls"}
+
+
+def test_unwritable_target_is_a_one_line_error(saved, tmp_path):
+    m, _ = saved
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="cannot write"):
+        save_model(m, tmp_path / "file" / "m.safetensors")
+
+
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
+    png = tmp_path / "plot.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    for fn in (load_state_dict, lambda p: load_model(p, arch="mlp", allow_pickle=True)):
+        with pytest.raises(CheckpointError, match="not a checkpoint"):
+            fn(png)
+
+
+def test_lazy_reads_of_sharded_checkpoints(tmp_path):
+    tensors = {f"layer{i}.weight": torch.full((4, 4), float(i)) for i in range(4)}
+    save_file({k: tensors[k] for k in ("layer0.weight", "layer1.weight")},
+              str(tmp_path / "s-1.safetensors"))
+    save_file({k: tensors[k] for k in ("layer2.weight", "layer3.weight")},
+              str(tmp_path / "s-2.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {
+        k: ("s-1.safetensors" if k in ("layer0.weight", "layer1.weight") else "s-2.safetensors")
+        for k in tensors}}))
+    lazy = LazyStateDict(index)
+    assert set(lazy) == set(tensors) and len(lazy) == 4
+    assert torch.equal(lazy["layer3.weight"], tensors["layer3.weight"])
+    assert all(torch.equal(v, tensors[k]) for k, v in load_state_dict(index).items())
+    (tmp_path / "s-2.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="s-2.safetensors: empty file"):
+        LazyStateDict(index)

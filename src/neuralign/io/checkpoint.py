@@ -88,7 +88,10 @@ def save_state_dict(state_dict: Mapping, path, metadata: dict | None = None) -> 
     header = {"format": FORMAT, RECORD_KEY: _encode_record(dict(metadata or {}))}
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     _warn_nonfinite(tensors, path)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    except OSError as exc:  # read-only folder, disk full...: nothing was replaced
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
     side = sidecar_path(path)
     if side.is_file():  # a stale record of an older version: the header now rules
         try:

@@ -113,7 +113,17 @@ def assert_finite(name: str, tensor, source) -> None:
                               "values; the weights are unusable (a diverged run?)")
 
 
+def looks_like_torch(path: Path) -> bool:
+    """``torch.save`` output: a zip archive (PyTorch >= 1.6) or a bare pickle (protocol >= 2)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def _load_pickle(path: Path, allow_pickle: bool, map_location="cpu") -> dict:
+    if not looks_like_torch(path):
+        raise CheckpointError(f"{path} is not a checkpoint (neither safetensors nor a PyTorch "
+                              "file)")
     if not allow_pickle:
         raise CheckpointError(
             f"{path} is not a safetensors file but a pickle, which can run code when loaded: "
@@ -181,34 +191,62 @@ def read_tensors(path, *, allow_pickle: bool = False) -> dict:
     return _load_pickle(path, allow_pickle)
 
 
+def _shard_map(path: Path) -> dict[str, Path]:
+    """``tensor name -> shard file`` of a safetensors file, an index or an HF directory."""
+    if path.is_dir():
+        if not is_hf_dir(path):
+            raise CheckpointError(f"{path} is a directory, not a checkpoint (a Hugging Face "
+                                  "model directory would hold config.json and weights)")
+        path = hf_weight_file(path)
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a sharded-checkpoint index "
+                                  f"({_first_line(exc)})") from exc
+        return {k: path.parent / v for k, v in weight_map.items()}
+    if path.suffix != ".safetensors" and not looks_like_safetensors(path):
+        raise CheckpointError(f"{path}: lazy reads need safetensors, not a pickle")
+    header = read_header(path)
+    keys = sorted((k for k in header if k != "__metadata__"),
+                  key=lambda k: header[k]["data_offsets"][0])
+    return {k: path for k in keys}
+
+
 class LazyStateDict(Mapping):
-    """A read-only mapping over a safetensors file that reads each tensor only when asked for
-    (and checks it is finite), so a merge of large checkpoints holds one layer of each at once."""
+    """A read-only mapping over a safetensors file, a sharded ``*.index.json`` or a Hugging Face
+    directory that reads each tensor only when asked for (and checks it is finite), so a merge
+    of large checkpoints holds one layer of each at a time."""
 
     def __init__(self, path, *, check_finite: bool = True):
         self.path = check_exists(path)
-        header = read_header(self.path)
         self.check_finite = check_finite
-        from safetensors import safe_open
+        self._where = _shard_map(self.path)
+        self._open: dict[Path, object] = {}
+        for shard in dict.fromkeys(self._where.values()):
+            read_header(shard)  # missing or truncated shards fail now, in one line
 
-        try:
-            self._file = safe_open(str(self.path), framework="pt", device="cpu")
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
-            raise CheckpointError(f"{self.path}: corrupt or truncated safetensors file "
-                                  f"({_first_line(exc)})") from exc
-        self._keys = [k for k in header if k != "__metadata__"]
-        self._keys.sort(key=lambda k: header[k]["data_offsets"][0])
+    def _file(self, shard: Path):
+        if shard not in self._open:
+            from safetensors import safe_open
+
+            try:
+                self._open[shard] = safe_open(str(shard), framework="pt", device="cpu")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
+                raise CheckpointError(f"{shard}: corrupt or truncated safetensors file "
+                                      f"({_first_line(exc)})") from exc
+        return self._open[shard]
 
     def __getitem__(self, key: str):
-        if key not in self._keys:
+        if key not in self._where:
             raise KeyError(key)
-        tensor = self._file.get_tensor(key)
+        tensor = self._file(self._where[key]).get_tensor(key)
         if self.check_finite:
             assert_finite(key, tensor, self.path)
         return tensor
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._where)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._where)
