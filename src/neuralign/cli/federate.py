@@ -121,8 +121,11 @@ def _run(rep, strategy, clients, alpha, rounds, data, subset, test_subset, data_
         return
 
     def show(r, metrics):
-        print(f"round {r}/{rounds}: accuracy {metrics['accuracy']:.4f}, loss "
-              f"{metrics['loss']:.4f}", file=sys.stderr, flush=True)
+        if "accuracy" in metrics:
+            text = f"accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}"
+        else:  # FedMA mid-pass
+            text = f"matched layer {metrics.get('layer')} (width {metrics.get('width')})"
+        print(f"round {r}/{rounds}: {text}", file=sys.stderr, flush=True)
 
     server.ROUND_HOOKS.append(show)
     try:

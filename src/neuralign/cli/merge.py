@@ -16,6 +16,7 @@ from neuralign.cli._common import (
     DEVICE_OPT,
     FORCE_OPT,
     IMAGE_SIZE_OPT,
+    INPUT_SHAPE_OPT,
     JSON_OPT,
     MODEL_KW_OPT,
     PICKLE_OPT,
@@ -26,7 +27,7 @@ from neuralign.cli._common import (
     parse_options,
     warn,
 )
-from neuralign.cli._inputs import check_choice, check_range
+from neuralign.cli._inputs import check_choice, check_range, parse_shape
 from neuralign.cli._models import ModelArgs
 
 ALIGN_CHOICES = ("none", "weight", "activation", "cov")
@@ -44,7 +45,7 @@ NEEDS_DATA = ("greedy-soup", "learned-soup", "learned-soup-layer", "zipit", "fis
 SELF_ALIGNING = ("ot", "matched", "zipit")
 
 
-def align_to_first(models, align, loader, seed=0):
+def align_to_first(models, align, loader, seed=0, example=None):
     """Align every model after the first onto the first (neuralign.align.align_models)."""
     if align == "none":
         return list(models)
@@ -55,7 +56,8 @@ def align_to_first(models, align, loader, seed=0):
     method = "corr" if align == "activation" else align
     out = [models[0]]
     for m in models[1:]:
-        aligned, _, _ = align_models(models[0], m, method, loader=loader, seed=seed)
+        aligned, _, _ = align_models(models[0], m, method, loader=loader, seed=seed,
+                                     example_input=example)
         out.append(aligned.eval())
     return out
 
@@ -102,6 +104,7 @@ def register(app: typer.Typer) -> None:
         image_size: int = IMAGE_SIZE_OPT,
         test_domain: str = TEST_DOMAIN_OPT,
         fit_batches: int = typer.Option(8, help="training batches for BN reset / REPAIR"),
+        input_shape: str = INPUT_SHAPE_OPT,
         seed: int = typer.Option(0),
         option: list[str] = typer.Option(None, "--option", "-o", help="method option key=value "
                                          "(e.g. ground=activation, stop_at=2, max_width=64)"),
@@ -127,6 +130,7 @@ def register(app: typer.Typer) -> None:
             coeffs = weights_alias
         w = parse_coeffs(coeffs, len(checkpoints), extrapolate)
         check_range(fit_batches, "--fit-batches", lo=1)
+        shape = parse_shape(input_shape)
         if repair_ and len(checkpoints) != 2:
             fail("--repair merges exactly two models")
         if method in SELF_ALIGNING and align != "none":
@@ -144,8 +148,19 @@ def register(app: typer.Typer) -> None:
             inp = _flow.open_inputs(checkpoints, margs, dargs, need_data=need, device=device)
             fit, val = _flow.loaders(inp, fit_batches=fit_batches)
             models = inp.models
-            if method not in SELF_ALIGNING:
-                models = align_to_first(models, align, fit, seed)
+            if method not in SELF_ALIGNING and align != "none":
+                from neuralign.cli.align import example_input
+
+                example = None
+                if inp.splits is not None:
+                    example = _data.example_batch(inp.splits)
+                else:
+                    rec = (inp.infos[0] or {}).get("input_shape")
+                    example = example_input(models[0], shape or (tuple(rec) if rec else None),
+                                            checkpoints[0])
+                if example is not None and device:
+                    example = example.to(device)
+                models = align_to_first(models, align, fit, seed, example)
             merged = merge(models, w, method, data=val, bn_loader=fit if bn_reset else None,
                            seed=seed, **options)
             if repair_:
