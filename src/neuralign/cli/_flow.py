@@ -13,7 +13,7 @@ from neuralign.cli._inputs import check_data_name, check_device
 from neuralign.cli._models import ModelArgs, check_accepts, load_all, precheck, read_infos
 
 # One set of training defaults for train and finetune.
-EPOCHS, LR, BATCH_SIZE = 10, 0.05, 128
+EPOCHS, LR, BATCH_SIZE, WEIGHT_DECAY = 10, 0.05, 128, 5e-4
 EVAL_BATCH_SIZE = 256
 
 

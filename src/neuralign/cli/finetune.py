@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(_flow.BATCH_SIZE),
         optimizer: str = typer.Option("sgd", help="sgd, adam or adamw"),
         momentum: float = typer.Option(0.9),
-        weight_decay: float = typer.Option(0.0),
+        weight_decay: float = typer.Option(_flow.WEIGHT_DECAY),
         schedule: str = typer.Option("cosine", help="cosine, step, linear or constant"),
         select: str = typer.Option("best_val", help="best_val (training-domain validation) "
                                    "or last"),

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(_flow.BATCH_SIZE),
         optimizer: str = typer.Option("sgd", help="sgd, adam or adamw"),
         schedule: str = typer.Option("cosine", help="cosine, step, linear or constant"),
-        weight_decay: float = typer.Option(5e-4),
+        weight_decay: float = typer.Option(_flow.WEIGHT_DECAY),
         data_root: str = DATA_ROOT_OPT,
         image_size: int = IMAGE_SIZE_OPT,
         test_domain: str = TEST_DOMAIN_OPT,
