@@ -242,6 +242,10 @@ OUT_OF_RANGE = [
     ("eval", ["--split", "bogus"], "--split"),
     ("eval", ["--batch-size", "0"], "--batch-size"),
     ("eval", ["--device", "gpu7"], "--device"),
+    ("merge", ["--device", "cuda:99"], "--device"),
+    ("train", ["--device", "cuda:99"], "--device"),
+    ("demo", ["--points", "0"], "--points"),
+    ("demo", ["--device", "tpu"], "--device"),
     ("align", ["--method", "bogus"], "--method"),
     ("align", ["--method", "activation", "--batches", "0"], "--batches"),
     ("align", ["--input-shape", "0,8"], "--input-shape"),
@@ -297,6 +301,7 @@ def test_out_of_range_options(files, tmp_path, command, extra, hint):
         "train": ["train", "--out", tmp_path / "o.safetensors"],
         "finetune": ["finetune", a, "--out", tmp_path / "o.safetensors"],
         "federate": ["federate", "--data", "digits"],
+        "demo": ["demo"],
     }[command]
     _fails([*base, *extra], files, contains=hint)
     assert not any(tmp_path.iterdir())
@@ -329,10 +334,15 @@ def _strict(text):
     return json.loads(text, parse_constant=bad)
 
 
-@pytest.mark.parametrize("command", ["eval", "barrier", "cka", "surface", "merge", "align"])
+@pytest.mark.parametrize("command", ["eval", "barrier", "cka", "surface", "merge", "align",
+                                     "connect", "train", "finetune", "demo"])
 def test_json_is_valid_and_only_json(files, tmp_path, command):
     a, b = _g(files)
     args = {
+        "connect": ["connect", a, b, "--epochs", "1", "--points", "3", "--curve", "polychain"],
+        "train": ["train", "--epochs", "1", "-m", "width=8", "--out", tmp_path / "t.safetensors"],
+        "finetune": ["finetune", a, "--epochs", "1", "--subset", "100"],
+        "demo": ["demo", "--epochs", "1", "--width", "16", "--points", "3"],
         "eval": ["eval", a], "barrier": ["barrier", a, b, "--points", "3"],
         "cka": ["cka", a, b, "--examples", "16"],
         "surface": ["surface", a, "--steps", "2", "--dims", "1"],
@@ -343,3 +353,12 @@ def test_json_is_valid_and_only_json(files, tmp_path, command):
     doc = _strict(r.stdout)
     assert isinstance(doc, dict) and doc
     assert "┃" not in r.stdout  # no table on stdout
+
+
+def test_nan_anchor_and_weights_file_refused(files, tmp_path):
+    g = files / "good.safetensors"
+    _fails(["finetune", g, "-s", "sherpa", "--anchor", files / "nan.safetensors", "--epochs", "1",
+            "--out", tmp_path / "o.safetensors"], files)
+    _fails(["finetune", "mlp", "--weights", files / "inf.safetensors", "--epochs", "1",
+            "--out", tmp_path / "o.safetensors"], files)
+    assert not any(tmp_path.iterdir())

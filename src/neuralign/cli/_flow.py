@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from neuralign.cli import _data
 from neuralign.cli._common import fail
 from neuralign.cli._guard import Output, check_outputs
-from neuralign.cli._inputs import check_data_name, check_device
+from neuralign.cli._inputs import check_data_name, check_device, device_available
 from neuralign.cli._models import ModelArgs, check_accepts, load_all, precheck, read_infos
 
 # One set of training defaults for train and finetune.
@@ -46,6 +46,7 @@ def prepare(paths, margs: ModelArgs, dargs: _data.DataArgs, outputs=(), *, force
 def open_inputs(paths, margs: ModelArgs, dargs: _data.DataArgs, *, need_data=True, device=None,
                 check_fit=True) -> Inputs:
     """Load the models and the data (the checkpoints' by default)."""
+    device_available(device)
     inp = Inputs(list(paths))
     inp.infos = read_infos(paths)
     inp.models = load_all(paths, margs, inp.infos, device=device)

@@ -146,6 +146,26 @@ def check_device(device: str | None) -> str | None:
     return device
 
 
+def device_available(device: str | None) -> None:
+    """After torch is imported: a one-line error for a device this machine does not have."""
+    if device is None or device == "cpu":
+        return
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            fail(f"--device {device}: no CUDA device here (torch.cuda.is_available() is False)")
+        if index and (not index.isdigit() or int(index) >= n):
+            fail(f"--device {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif kind == "mps" and not (hasattr(torch.backends, "mps")
+                                and torch.backends.mps.is_available()):
+        fail(f"--device {device}: MPS is not available here")
+    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        fail(f"--device {device}: no XPU device here")
+
+
 def module_function_ok(spec: str) -> bool:
     mod, _, fn = spec.partition(":")
     return bool(mod) and bool(fn) and all(p.isidentifier() for p in mod.split(".")) and \

@@ -45,6 +45,9 @@ def _demo(rep, width, epochs, points, seeds, device) -> None:
     from neuralign.models import get_model
     from neuralign.train import train
 
+    from neuralign.cli._inputs import device_available
+
+    device_available(device)
     kw = {"data_seed": 0} if "data_seed" in inspect.signature(load_data).parameters else {}
     splits = load_data("digits", **kw)
     models = []

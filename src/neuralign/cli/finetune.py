@@ -199,6 +199,9 @@ def _run(rep, model, is_ckpt, margs, model_kw, strategy, anchor, option, data, d
     from neuralign.finetune import finetune
     from neuralign.finetune.api import get_strategy
 
+    from neuralign.cli._inputs import device_available
+
+    device_available(device)
     options = parse_options(option)
     get_strategy(strategy, **options)  # unknown strategy or option: fail before any work
     if weights_out and not _per_layer(strategy):

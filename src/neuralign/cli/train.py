@@ -97,6 +97,9 @@ def register(app: typer.Typer) -> None:
             from neuralign.models import get_model
             from neuralign.train import train
 
+            from neuralign.cli._inputs import device_available
+
+            device_available(device)
             dargs = _data.DataArgs(data, data_seed, data_root, image_size, test_domain, subset)
             splits = _data.load(data, data_seed, dargs)
             torch.manual_seed(seed)
