@@ -128,6 +128,14 @@ def test_plain_state_dict_of_a_torchvision_model_via_arch(resnet18_file):
         load_model(path, arch="torchvision:resnet34")
 
 
+def test_native_shape_arguments_are_accepted():
+    """What the CLI passes for every model: 3 channels and the image size."""
+    m = get_model("torchvision:resnet18", in_channels=3, image_size=32, num_classes=4).eval()
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    vit = get_model("torchvision:vit_b_16", in_channels=1, image_size=32, num_classes=4).eval()
+    assert vit(torch.randn(1, 1, 32, 32)).shape == (1, 4)
+
+
 def test_input_conv_must_be_unambiguous():
     two = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3))
     with pytest.raises(NeuralignError, match="2 candidates"):

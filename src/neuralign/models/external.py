@@ -56,7 +56,8 @@ def _head_name(model: nn.Module) -> str | None:
 def _fill(model: nn.Module, sd: dict | None, source: str, num_classes, in_channels,
           conv_hint=None) -> nn.Module:
     """Load ``sd`` (if any) strictly, then set the input channels."""
-    conv = find_input_conv(model, conv_hint) if in_channels is not None else None
+    change = in_channels is not None and in_channels != 3  # 3: what these models are built for
+    conv = find_input_conv(model, conv_hint) if change else None
     if sd is None:
         if conv is not None:
             set_input_channels(model, conv, in_channels, keep_weights=False)
