@@ -232,9 +232,10 @@ def load_data(name: str, *, data_seed: int = 0, root=None, subset: int | None = 
     if not isinstance(name, str) or not name.strip():
         raise DataError(f"a data set name must be a non-empty string, got {name!r}")
     data_seed = resolve_data_seed(data_seed, seed, "load_data")
-    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int)
-                               or subset < 1):
+    if subset is not None and (isinstance(subset, bool)
+                               or not isinstance(subset, (int, np.integer)) or subset < 1):
         raise DataError(f"subset must be a positive integer, got {subset!r}")
+    subset = None if subset is None else int(subset)
     key = name.replace("-", "_").lower()
     if key not in DATASETS and ":" in name:
         from neuralign.data import sources
