@@ -163,3 +163,12 @@ def test_reference_models_take_weights_too(tmp_path):
                        src.classifier.weight)
     with pytest.raises(ArchitectureMismatchError, match="layer1.0.weight"):
         get_model("mlp", width=32, weights=path)
+
+
+def test_wrapper_prefixes_of_data_parallel_and_compile_are_removed(tmp_path):
+    src = get_model("mlp", width=16, seed=0)
+    sd = {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}
+    torch.save(sd, tmp_path / "ddp.pt")
+    m = load_model(tmp_path / "ddp.pt", arch="mlp", model_kwargs={"width": 16},
+                   allow_pickle=True)
+    assert torch.equal(m.classifier.weight, src.classifier.weight)

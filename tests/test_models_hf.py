@@ -129,3 +129,12 @@ def test_hf_checkpoint_does_not_fit_another_config(tmp_path):
     with pytest.raises(ArchitectureMismatchError, match="unexpected.*encoder.layer.1"):
         load_model(path, arch=f"hf:{tmp_path / 'b'}")
     assert _same(load_model(path), model)
+
+
+def test_moved_hf_folder_says_how_to_point_at_it(tmp_path):
+    _tiny_bert(tmp_path / "a")
+    path = save_model(get_model(f"hf:{tmp_path / 'a'}"), tmp_path / "a.safetensors")
+    (tmp_path / "a").rename(tmp_path / "b")
+    with pytest.raises(NeuralignError, match="if that folder moved, pass arch='hf:"):
+        load_model(path)
+    assert type(load_model(path, arch=f"hf:{tmp_path / 'b'}")).__name__ == "BertModel"

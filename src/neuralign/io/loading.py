@@ -48,6 +48,11 @@ def _rebuild(name: str, kwargs: dict) -> nn.Module:
     kwargs = {k: v for k, v in kwargs.items() if k not in ("weights", "allow_pickle", "seed")}
     if name.startswith("hf:"):
         kwargs["weights"] = False
+        try:
+            return get_model(name, **kwargs)
+        except NeuralignError as exc:
+            raise type(exc)(f"{exc} (the checkpoint's architecture is {name}: if that folder "
+                            "moved, pass arch='hf:<its new place>')") from exc
     return get_model(name, **kwargs)
 
 

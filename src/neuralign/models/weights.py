@@ -43,11 +43,24 @@ def describe_mismatch(own: Mapping, sd: Mapping, skip=()) -> str | None:
     return "; ".join(parts)
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
+def unwrap(sd: Mapping, own: Mapping) -> Mapping:
+    """``sd`` without a wrapper's prefix when every key carries it and none fits as is."""
+    for prefix in WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd) and not any(k in own for k in sd):
+            return unwrap({k[len(prefix):]: v for k, v in sd.items()}, own)
+    return sd
+
+
 def load_strict(model: nn.Module, sd: Mapping, source: str, *, new_head: str | None = None
                 ) -> nn.Module:
     """Load ``sd`` into ``model`` strictly (see the module's docstring). ``new_head``: the head
-    module's name when a fresh head of another size is wanted."""
+    module's name when a fresh head of another size is wanted. The prefixes that
+    ``nn.DataParallel`` and ``torch.compile`` put on every key are removed first."""
     own = model.state_dict()
+    sd = unwrap(sd, own)
     head_keys = set()
     if new_head:
         prefix = new_head + "."
