@@ -138,3 +138,19 @@ def test_moved_hf_folder_says_how_to_point_at_it(tmp_path):
     with pytest.raises(NeuralignError, match="if that folder moved, pass arch='hf:"):
         load_model(path)
     assert type(load_model(path, arch=f"hf:{tmp_path / 'b'}")).__name__ == "BertModel"
+
+
+def test_a_fine_tuned_classifier_folder_keeps_its_head(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=16, num_labels=3)
+    clf = transformers.BertForSequenceClassification(cfg)
+    clf.save_pretrained(tmp_path / "clf")
+    loaded = load_model(tmp_path / "clf")
+    assert type(loaded).__name__ == "BertForSequenceClassification"
+    assert _same(loaded, clf)
+    same_size = get_model(f"hf:{tmp_path / 'clf'}", num_classes=3)
+    assert torch.equal(same_size.classifier.weight, clf.classifier.weight)
+    path = save_model(loaded, tmp_path / "c.safetensors")
+    assert _same(load_model(path), clf)

@@ -6,7 +6,9 @@ strictly: a file of another architecture is an error, never a silent random init
 ``in_channels`` replaces the input convolution (adapting trained weights, see
 ``set_input_channels``) or is refused; it is never ignored.
 
-For ``hf:<dir>``: ``weights=None`` loads the directory's own weights, ``weights=False`` builds the
+For ``hf:<dir>``: the class is ``config.architectures[0]`` (else ``AutoModel``); with
+``num_classes``, ``AutoModelForSequenceClassification``. ``weights=None`` loads the directory's
+own weights, ``weights=False`` builds the
 architecture from ``config.json`` only (used when a checkpoint supplies the weights), a file loads
 that file strictly.
 """
@@ -149,7 +151,7 @@ def hf_model(path: str, num_classes=None, weights=None, in_channels=None, image_
         raise NeuralignError(f"hf:{path}: cannot read config.json "
                              f"({str(exc).splitlines()[0][:160]})") from exc
     _hf_check_shape_args(config, in_channels, image_size, path)
-    auto = transformers.AutoModel
+    auto = _hf_class(transformers, config)
     if num_classes is not None:
         auto = transformers.AutoModelForSequenceClassification
         config.num_labels = num_classes
@@ -157,7 +159,8 @@ def hf_model(path: str, num_classes=None, weights=None, in_channels=None, image_
         return _hf_pretrained(auto, folder, config, num_classes is not None)
     try:
         with _quiet_transformers():
-            model = auto.from_config(config)
+            model = (auto.from_config(config) if hasattr(auto, "from_config")
+                     else auto(config))
     except ValueError as exc:
         raise NeuralignError(f"hf:{path}: {str(exc).splitlines()[0][:200]}") from exc
     if weights is False:
@@ -165,6 +168,16 @@ def hf_model(path: str, num_classes=None, weights=None, in_channels=None, image_
     sd = read_weights(weights, allow_pickle)
     return load_strict(model, sd, str(weights),
                        new_head=_head_name(model) if num_classes is not None else None)
+
+
+def _hf_class(transformers, config):
+    """The class the folder was saved from (``config.architectures[0]``, so a fine-tuned
+    classifier keeps its head), else ``AutoModel``."""
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return transformers.AutoModel
 
 
 @contextlib.contextmanager
