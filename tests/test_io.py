@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import warnings
 
@@ -122,15 +123,14 @@ def test_wrong_architecture_names_the_first_mismatch(saved):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nonfinite_weights_refused_on_every_load(saved, tmp_path, value):
-    m, _ = saved
+def test_nonfinite_weights_refused_on_every_load(tmp_path, value):
     bad = get_model("resnet20", width=1, num_classes=10, seed=0)
     with torch.no_grad():
         bad.layer2[0].conv1.weight[0, 0, 0, 0] = value
     path = tmp_path / "bad.safetensors"
     with pytest.warns(RuntimeWarning, match="NaN/infinite"):
         save_model(bad, path)
-    what = "NaN" if value != value else "infinite"
+    what = "NaN" if math.isnan(value) else "infinite"
     for load in (load_model, load_state_dict, lambda p: dict(LazyStateDict(p))):
         with pytest.raises(CheckpointError, match=f"'layer2.0.conv1.weight'.*{what}"):
             load(path)
@@ -257,3 +257,16 @@ def test_lazy_reads_of_sharded_checkpoints(tmp_path):
     (tmp_path / "s-2.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="s-2.safetensors: empty file"):
         LazyStateDict(index)
+
+
+def test_read_info_reads_no_tensor(saved, monkeypatch):
+    _, path = saved
+    import safetensors
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise AssertionError("read_info must not read tensors")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", boom)
+    monkeypatch.setattr(safetensors, "safe_open", boom)
+    assert read_info(path)["arch"] == "resnet20"

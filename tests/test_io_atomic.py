@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import neuralign.io.atomic as atomic
 from neuralign.errors import CheckpointError
-from neuralign.io import load_model, save_model
+from neuralign.io import atomic, load_model, save_model
 from neuralign.models import get_model
 
 
@@ -37,7 +36,7 @@ STEPS = ["temp_path_for", "write", "chmod", "_fsync_file", "replace", "_fsync_di
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
 def test_interrupt_at_each_step(old_and_new, monkeypatch, step, exc):
-    old, new, path = old_and_new
+    _, new, path = old_and_new
     before = path.read_bytes()
     import safetensors.torch
 
@@ -66,7 +65,7 @@ def test_interrupt_at_each_step(old_and_new, monkeypatch, step, exc):
 
 def test_sigint_during_rename_is_delivered_after_it(old_and_new, monkeypatch):
     """Ctrl-C that lands while the rename runs waits for it, then interrupts."""
-    old, new, path = old_and_new
+    _, new, path = old_and_new
     real = os.replace
 
     def replace_with_signal(src, dst):

@@ -77,7 +77,7 @@ def resolve_data_seed(data_seed, seed=None, where: str = "load_data") -> int:
 
 def _split_indices(n: int, fractions: tuple[float, float], seed: int) -> list[np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
-    n_val, n_test = int(round(fractions[0] * n)), int(round(fractions[1] * n))
+    n_val, n_test = round(fractions[0] * n), round(fractions[1] * n)
     return [perm[n_val + n_test:], perm[:n_val], perm[n_val:n_val + n_test]]
 
 
@@ -207,11 +207,11 @@ def load_mnist1d(data_seed: int = 0, num_samples: int = 5000, val_fraction: floa
     y = np.asarray(data["y"], dtype=np.int64)
     xt = np.asarray(data["x_test"], dtype=np.float32)
     yt = np.asarray(data["y_test"], dtype=np.int64)
-    n_val = int(round(val_fraction * len(y)))
+    n_val = round(val_fraction * len(y))
     perm = np.random.default_rng(seed).permutation(len(y))
     va, tr = perm[:n_val], perm[n_val:]
     mean, std = x[tr].mean(), x[tr].std()
-    norm = lambda a: (a - mean) / std  # noqa: E731
+    norm = lambda a: (a - mean) / std
     return Splits(_tensors(norm(x[tr])[:, None], y[tr]), _tensors(norm(x[va])[:, None], y[va]),
                   _tensors(norm(xt)[:, None], yt), 10, (1, x.shape[1]), "mnist1d", seed)
 

@@ -135,7 +135,7 @@ def _load_pickle(path: Path, allow_pickle: bool, map_location="cpu") -> dict:
     except Exception:  # noqa: BLE001 - torch raises many types here
         try:
             obj = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise CheckpointError(f"{path}: cannot unpickle ({_first_line(exc)})") from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"],
                                                                        Mapping):
@@ -232,7 +232,7 @@ class LazyStateDict(Mapping):
 
             try:
                 self._open[shard] = safe_open(str(shard), framework="pt", device="cpu")
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
+            except Exception as exc:  # safetensors raises its own types
                 raise CheckpointError(f"{shard}: corrupt or truncated safetensors file "
                                       f"({_first_line(exc)})") from exc
         return self._open[shard]
