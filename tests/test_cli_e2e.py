@@ -140,3 +140,17 @@ def test_minilm_folder_and_text_data(tmp_path):
     doc = _run("barrier", tmp_path / "A", out, "--points", "3", *common)
     curve = doc["curves"]["linear"]
     assert max(curve["loss"]) - min(curve["loss"]) < 1e-3  # aligned: one model all along
+    # the classifier folder alone: its trained head is kept, no --arch needed
+    doc = _run("eval", tmp_path / "A", "--data", f"npz:{tmp_path / 'text.npz'}", "--json")
+    assert doc["n"] == 4
+    with torch.no_grad():
+        from neuralign.cli._models import _adapt_hf
+
+        _adapt_hf(clf)
+        from neuralign.data import load_data
+
+        tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "A"))
+        test = load_data(f"npz:{tmp_path / 'text.npz'}", tokenizer=tok).test
+        x, y = test.tensors
+        ref = torch.nn.functional.cross_entropy(clf(x), y).item()
+    assert abs(doc["loss"] - ref) < 1e-4  # the same head, not a fresh one

@@ -50,6 +50,8 @@ def check_checkpoint(path: str, *, allow_pickle: bool = False, flag: str = "chec
             fail(f"{path} is a pickle file; unpickling can run code: pass --allow-pickle if you "
                  "trust it, or convert it to .safetensors")
         return "pickle"
+    if p.name.endswith(".safetensors.index.json"):
+        return "index"  # a sharded Hugging Face checkpoint
     if p.suffix == ".safetensors":
         fail(f"{path}: corrupt or truncated safetensors file")
     fail(f"{path} is not a checkpoint (neither safetensors nor a PyTorch pickle)")

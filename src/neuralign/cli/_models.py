@@ -69,6 +69,11 @@ def load_one(path: str, margs: ModelArgs, info: dict | None = None, device=None)
              "--arch torchvision:resnet18 or --arch mlp -m width=512")
     kw: dict = {"allow_pickle": margs.allow_pickle}
     params = inspect.signature(load_model).parameters
+    if arch is None and info.get("format") == "hf-dir":
+        n = _hf_num_labels(path)
+        if n is not None:  # a saved classifier folder: keep its trained head
+            arch, margs = info["arch"], ModelArgs()
+            margs.kwargs = {"num_classes": n}
     if arch is not None:
         if "arch" in params:
             kw["arch"] = arch
@@ -87,6 +92,22 @@ def load_one(path: str, margs: ModelArgs, info: dict | None = None, device=None)
     if device is not None:
         model.to(device)
     return model
+
+
+def _hf_num_labels(folder) -> int | None:
+    """The label count of a Hugging Face *ForSequenceClassification folder, else None."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    archs = cfg.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        return None
+    n = cfg.get("num_labels") or len(cfg.get("id2label") or {}) or None
+    return int(n) if n else None
 
 
 def load_all(paths, margs: ModelArgs, infos=None, device=None):

@@ -231,13 +231,17 @@ def _run(rep, model, is_ckpt, margs, model_kw, strategy, anchor, option, data, d
             dargs.data = "digits"
         data, dseed = _data.resolve(dargs, [info], paths=[model])
         sp = _data.load(data, dseed, dargs, model_image_size=_data.model_image_size([info]),
-                        tokenizer=_data.tokenizer_for([model], [info], margs.arch))
+                        tokenizer=_data.tokenizer_for(
+                            [model] if is_ckpt else [], [info],
+                            margs.arch or (model if model.startswith("hf:") else None)))
         train_set, val_set, ood_set, num_classes = sp.train, sp.val, sp.test, sp.num_classes
         title, id_name, ood_name = f"{strategy} on {data}", "val", "test"
     x0 = train_set[0][0]
-    data_kw = {"num_classes": num_classes, "in_channels": int(x0.shape[0])}
-    if x0.dim() == 3:
-        data_kw["image_size"] = int(x0.shape[-1])
+    data_kw = {"num_classes": num_classes}
+    if x0.is_floating_point():  # images / features (not token ids)
+        data_kw["in_channels"] = int(x0.shape[0])
+        if x0.dim() == 3:
+            data_kw["image_size"] = int(x0.shape[-1])
     net = _load_model(model, weights, model_kw, data_kw, margs, device)
     res = finetune(net, train_set, strategy=strategy, epochs=epochs, lr=lr,
                    num_classes=num_classes, val_data=val_set, seed=seed, device=device,

@@ -33,6 +33,9 @@ def model_kwargs_for(splits, model: str = "") -> dict:
     """Constructor arguments that make ``model`` fit the data's input shape and classes."""
     import math
 
+    x0 = splits.train[0][0]
+    if not x0.is_floating_point():  # token ids: the model's own vocabulary and length
+        return {"num_classes": splits.num_classes}
     c, *spatial = splits.input_shape
     kw = {"num_classes": splits.num_classes, "in_channels": c}
     if len(spatial) == 2:
@@ -101,7 +104,8 @@ def register(app: typer.Typer) -> None:
 
             device_available(device)
             dargs = _data.DataArgs(data, data_seed, data_root, image_size, test_domain, subset)
-            splits = _data.load(data, data_seed, dargs)
+            tok = _data.tokenizer_for([], [], model) if model.startswith("hf:") else None
+            splits = _data.load(data, data_seed, dargs, tokenizer=tok)
             torch.manual_seed(seed)
             net = get_model(model, **{**model_kwargs_for(splits, model), **opts})
             if device:
