@@ -362,3 +362,33 @@ def test_nan_anchor_and_weights_file_refused(files, tmp_path):
     _fails(["finetune", "mlp", "--weights", files / "inf.safetensors", "--epochs", "1",
             "--out", tmp_path / "o.safetensors"], files)
     assert not any(tmp_path.iterdir())
+
+
+def test_merge_weights_is_a_deprecated_alias_of_coeffs(files, tmp_path):
+    out = tmp_path / "m.safetensors"
+    a, b = _g(files)
+    r = _ok(["merge", a, b, "--weights", "0.25,0.75", "--out", out])
+    assert "deprecated" in r.stderr and "--coeffs" in r.stderr
+    assert read_info(out)["coeffs"] == [0.25, 0.75]
+    _fails(["merge", a, b, "--weights", "0.5,0.5", "--coeffs", "0.5,0.5", "--out",
+            tmp_path / "n.safetensors"], files, contains="--coeffs")
+    r = _ok(["merge", a, b, "--coeffs", "1.5,-0.5", "--extrapolate", "--out",
+             tmp_path / "x.safetensors"])
+
+
+def test_merge_option_keys_match_the_methods():
+    """The -o keys the CLI accepts are the keyword arguments of each merge function."""
+    import inspect
+
+    from neuralign.cli.merge import METHOD_OPTIONS
+    from neuralign.merge import api, fisher, matched, ot, soups, zipit
+
+    internal = {"models", "loader", "data", "weights", "fishers", "evaluate", "bn_loader",
+                "per_layer", "seed"}
+    funcs = {"learned-soup": soups.learned_soup, "fisher": fisher.fisher_merge,
+             "ot": ot.ot_fusion, "matched": matched.matched_averaging, "zipit": zipit.zipit,
+             "greedy-soup": soups.greedy_soup}
+    assert set(METHOD_OPTIONS) == set(api.METHODS)
+    for method, fn in funcs.items():
+        params = set(inspect.signature(fn).parameters) - internal
+        assert params == set(METHOD_OPTIONS[method]), (method, params)
