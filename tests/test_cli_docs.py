@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _command_lines(path: Path) -> list[list[str]]:
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.DOTALL):
         text = block.replace("\\\n", " ")
         for line in text.splitlines():
             line = line.split(" #")[0].strip()
@@ -42,7 +42,7 @@ def test_documented_commands_and_options_exist():
 
 
 def test_readme_example_is_deterministic(capsys):
-    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
     code = code.replace("epochs=20", "epochs=2")  # the point is determinism, not accuracy
     printed = []
     for _ in range(2):

@@ -38,7 +38,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
     assert run_app  # the entry point wraps NeuralignError
     proc = subprocess.run([sys.executable, "-m", "neuralign", "eval", str(tmp_path / "x.pt")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "no such checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -98,7 +98,7 @@ class OneLineGroup(TyperGroup):
         except (KeyboardInterrupt, click.Abort):
             _print_error(INTERRUPTED)
             return 130
-        except Exception as exc:  # noqa: BLE001 - the last line of defence
+        except Exception as exc:
             if flag.hit:  # Ctrl-C inside an import or C code surfaces as another error
                 _print_error(INTERRUPTED)
                 return 130

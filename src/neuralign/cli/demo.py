@@ -39,13 +39,12 @@ def _demo(rep, width, epochs, points, seeds, device) -> None:
     import torch
 
     from neuralign.align import align_models
+    from neuralign.cli._inputs import device_available
     from neuralign.data import load_data
     from neuralign.evaluation import evaluate
     from neuralign.landscape import barrier, interpolation_curve
     from neuralign.models import get_model
     from neuralign.train import train
-
-    from neuralign.cli._inputs import device_available
 
     device_available(device)
     kw = {"data_seed": 0} if "data_seed" in inspect.signature(load_data).parameters else {}

@@ -195,11 +195,10 @@ def _run(rep, model, is_ckpt, margs, model_kw, strategy, anchor, option, data, d
          source_domains, target_domain, classes, per_domain, epochs, lr, batch_size, optimizer,
          momentum, weight_decay, schedule, select, seed, weights, image_size, data_root, subset,
          device, reset_head, out, weights_out) -> None:
+    from neuralign.cli._inputs import device_available
     from neuralign.evaluation import evaluate
     from neuralign.finetune import finetune
     from neuralign.finetune.api import get_strategy
-
-    from neuralign.cli._inputs import device_available
 
     device_available(device)
     options = parse_options(option)

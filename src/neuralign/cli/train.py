@@ -95,12 +95,11 @@ def register(app: typer.Typer) -> None:
         with rep.running():
             import torch
 
+            from neuralign.cli._inputs import device_available
             from neuralign.evaluation import evaluate
             from neuralign.io import save_model
             from neuralign.models import get_model
             from neuralign.train import train
-
-            from neuralign.cli._inputs import device_available
 
             device_available(device)
             dargs = _data.DataArgs(data, data_seed, data_root, image_size, test_domain, subset)
