@@ -28,6 +28,7 @@ def test_weights_out_writes_the_chosen_layer_weights(tmp_path):
     weights = json.loads(w.read_text())["auto_rgn"]
     assert max(weights.values()) == 1.0 and min(weights.values()) >= 0
     assert (tmp_path / "w.png").stat().st_size > 0
+    assert (w.stat().st_mode & 0o777) == 0o666 & ~_umask()
     r = CliRunner().invoke(app, ["finetune", base, "-s", "full", "--epochs", "1",
                                  "--weights-out", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "chooses no per-layer weights" in r.stderr
@@ -49,3 +50,11 @@ def test_levi_checkpoint_keeps_only_trained_parts_and_reloads(tmp_path):
     model = load_levi(out)
     assert isinstance(model, LEVI)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def _umask():
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m

@@ -273,16 +273,19 @@ def _run(rep, model, is_ckpt, margs, model_kw, strategy, anchor, option, data, d
 
 
 def _save_layer_weights(rep, info: dict, strategy: str, path: str) -> None:
-    from neuralign.finetune.auto_lr import plot_layer_weights, save_layer_weights
+    from neuralign.cli._common import dumps
+    from neuralign.cli._guard import write_text_atomic
+    from neuralign.finetune.auto_lr import plot_layer_weights
 
     weights = info.get("layer_weights")
     if not weights:
         fail(f"strategy {strategy!r} chooses no per-layer weights; "
-                             "--weights-out is for auto_rgn, layerwise_surprise, ... strategies")
-    save_layer_weights({strategy: weights}, path)
+             "--weights-out is for auto_rgn, layerwise_surprise, ... strategies")
+    write_text_atomic(path, dumps({strategy: dict(weights)}))  # 0644, atomic, no NaN
     png = str(Path(path).with_suffix(".png"))
     plot_layer_weights({strategy: weights}, png)
     rep.note(f"saved the layer weights to {path} and {png}")
+    rep["layer_weights"] = dict(weights)
 
 
 def _save(rep, model, source: str, out: str, metadata: dict) -> None:
