@@ -105,3 +105,22 @@ def test_checkpoint_without_data_needs_data(tmp_path):
     r = runner.invoke(app, ["eval", str(p)])
     assert r.exit_code == 2 and "--data is needed" in r.stderr
     assert runner.invoke(app, ["eval", str(p), "--data", "digits"]).exit_code == 0
+
+
+def test_recorded_data_path_works_from_another_folder(tmp_path, monkeypatch):
+    import numpy as np
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    y = np.arange(60) % 3
+    np.savez(tmp_path / "data" / "d.npz", x=np.random.default_rng(0).normal(
+        size=(60, 5)).astype(np.float32) + y[:, None], y=y)
+    monkeypatch.chdir(tmp_path / "data")
+    r = runner.invoke(app, ["train", "--data", "npz:d.npz", "-m", "width=8", "--epochs", "1",
+                            "--out", "m.safetensors"])
+    assert r.exit_code == 0, r.stderr
+    assert read_info(tmp_path / "data" / "m.safetensors")["data"] == \
+        f"npz:{tmp_path / 'data' / 'd.npz'}"
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = runner.invoke(app, ["eval", "../data/m.safetensors", "--json"])
+    assert r.exit_code == 0, r.stderr

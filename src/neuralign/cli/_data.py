@@ -115,12 +115,24 @@ def model_image_size(infos) -> int | None:
 def metadata(command: str, data: str | None, data_seed: int | None, seed: int | None,
              splits=None, **extra) -> dict:
     """What every saved model records about where it came from."""
-    meta = {"command": command, "data": data, "data_seed": data_seed, "seed": seed}
+    meta = {"command": command, "data": absolute(data), "data_seed": data_seed, "seed": seed}
     if splits is not None:
         meta["input_shape"] = list(splits.input_shape)
         meta["num_classes"] = int(splits.num_classes)
     meta.update(extra)
     return meta
+
+
+def absolute(data: str | None) -> str | None:
+    """``scheme:path`` with an absolute path, so the record works from any folder."""
+    import os
+
+    if not data or ":" not in data:
+        return data
+    scheme, _, rest = data.partition(":")
+    if scheme in ("imagefolder", "npz", "hf-disk") and rest:
+        return f"{scheme}:{os.path.abspath(rest)}"
+    return data
 
 
 def example_batch(splits, n: int = 2):
