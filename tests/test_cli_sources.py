@@ -78,6 +78,10 @@ def test_npz_with_own_test_split(tmp_path):
     s = load_data(f"npz:{tmp_path / 'd.npz'}", data_seed=3)
     assert len(s.test) == 12 and len(s.train) + len(s.val) == 40 and s.num_classes == 4
     assert float(s.train.tensors[0].max()) <= 1.0  # uint8 scaled to [0, 1]
+    np.savez(tmp_path / "half.npz", x=np.zeros((10, 2)), y=np.arange(10) % 2,
+             x_test=np.zeros((4, 2)))
+    with pytest.raises(DataError, match="come together"):
+        load_data(f"npz:{tmp_path / 'half.npz'}")
     np.savez(tmp_path / "bad.npz", x=np.full((10, 2), np.nan), y=np.arange(10) % 2)
     with pytest.raises(DataError, match="NaN"):
         load_data(f"npz:{tmp_path / 'bad.npz'}")

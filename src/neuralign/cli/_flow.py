@@ -78,6 +78,12 @@ def check_classes(inp: Inputs, paths) -> None:
     if out.dim() == 2 and out.shape[1] < inp.splits.num_classes:
         fail(f"{paths[0]} has {out.shape[1]} outputs but {inp.data} has "
              f"{inp.splits.num_classes} classes")
+    if out.dim() == 2 and out.shape[1] > inp.splits.num_classes:
+        from neuralign.cli._common import warn
+
+        warn(f"{paths[0]} has {out.shape[1]} outputs but {inp.data} has "
+             f"{inp.splits.num_classes} classes: predictions of the other classes count as "
+             "errors (for your own head: --arch ... -m num_classes=K)")
 
 
 def loaders(inp: Inputs, batch_size: int = EVAL_BATCH_SIZE, fit_batches: int | None = None):

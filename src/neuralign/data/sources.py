@@ -284,6 +284,10 @@ def _from_arrays(arrays: dict, name, data_seed, tokenizer, max_length, fractions
         a = arrays[key]
         return _tokenize(a, tokenizer, max_length, name) if text else _as_inputs(a, name)
 
+    for split in ("val", "test"):
+        if (f"{xkey}_{split}" in arrays) != (f"y_{split}" in arrays):
+            raise DataError(f"{name}: {xkey}_{split} and y_{split} come together; found only "
+                            "one of them")
     x, y = inputs(xkey), _labels(arrays["y"], name)
     if len(x) != len(y):
         raise DataError(f"{name}: {len(x)} inputs but {len(y)} labels")
