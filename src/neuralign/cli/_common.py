@@ -98,7 +98,11 @@ class OneLineGroup(TyperGroup):
         except (KeyboardInterrupt, click.Abort):
             _print_error(INTERRUPTED)
             return 130
-        except Exception as exc:
+        except BrokenPipeError:  # `neuralign ... | head`: the reader left; nothing to say
+            with contextlib.suppress(Exception):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - absorbs the final flush
+            return 1
+        except Exception as exc:  # the last line of defence
             if flag.hit:  # Ctrl-C inside an import or C code surfaces as another error
                 _print_error(INTERRUPTED)
                 return 130
