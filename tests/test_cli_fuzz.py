@@ -142,6 +142,15 @@ def test_unknown_data(files, tmp_path, command):
     _fails([*args, "--data", f"npz:{tmp_path / 'none.npz'}"], files, contains="does not exist")
 
 
+def test_data_that_is_not_data(files, tmp_path):
+    g = files / "good.safetensors"
+    _fails(["eval", g, "--data", f"npz:{g}"], files, contains="npz")
+    _fails(["eval", g, "--data", f"imagefolder:{g}"], files, contains="not a folder")
+    _fails(["eval", g, "--data", f"imagefolder:{files / 'folder'}"], files, contains="class")
+    _fails(["federate", "--data", "bogus"], files, contains="unknown data")
+    _fails(["federate", "--data", f"npz:{g}"], files, contains="built-in")
+
+
 def test_unknown_data_train_finetune(files, tmp_path):
     _fails(["train", "--data", "bogus", "--out", tmp_path / "t.safetensors"], files,
            contains="unknown data")
