@@ -71,7 +71,7 @@ def _curve(a, b, test_loader, bn_loader, ts, bn_batches, ends):
 
 
 def run_arch(name, cfg, log):
-    splits = load_data("fashion_mnist", seed=0, subset=cfg["subset"], test_subset=cfg["test"])
+    splits = load_data("fashion_mnist", data_seed=0, subset=cfg["subset"], test_subset=cfg["test"])
     train_loader = lambda s: splits.loader("train", batch_size=128, shuffle=True, seed=s)
     test_loader = splits.loader("test", batch_size=500)
     act_loader = [b for _, b in zip(range(cfg["act_batches"]), train_loader(99))]

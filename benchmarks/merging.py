@@ -143,7 +143,7 @@ def main():
     torch.set_num_threads(1)
     if args.quick:
         args.pairs, args.subset, args.epochs = 1, 1000, 1
-    splits = load_data("fashion_mnist", seed=0, subset=args.subset, test_subset=1000)
+    splits = load_data("fashion_mnist", data_seed=0, subset=args.subset, test_subset=1000)
     splits.train, splits.test = downsample(splits.train), downsample(splits.test)
     splits.val = downsample(splits.val)
     fit = torch.utils.data.TensorDataset(*[t[:1000] for t in splits.train.tensors])

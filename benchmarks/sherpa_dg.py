@@ -109,14 +109,16 @@ def backbones(args):
     if args.data == "rotated_fashion_mnist":
         (m, im), (b, ib) = pretrain(args, 0), pretrain(args, 1)
         return m, b, {"M": im, "B": ib}
-    m = get_model(args.arch, weights=args.weights) if args.weights else get_model(args.arch)
+    m = (get_model(args.arch, weights=args.weights, allow_pickle=True) if args.weights
+         else get_model(args.arch))
     if args.anchor_weights:
-        b = get_model(args.arch, weights=args.anchor_weights)
+        b = get_model(args.arch, weights=args.anchor_weights, allow_pickle=True)
     else:
         print("warning: no --anchor-weights; the anchor backbone is a second initialisation",
               flush=True)
         torch.manual_seed(1)
-        b = get_model(args.arch, weights=args.weights) if args.weights else get_model(args.arch)
+        b = (get_model(args.arch, weights=args.weights, allow_pickle=True) if args.weights
+             else get_model(args.arch))
     return m, b, {}
 
 

@@ -75,7 +75,7 @@ def main():
     lrs = tuple(float(x) for x in args.lrs.split(","))
     grid = list(itertools.product(lrs, (0.0, 5e-4), (0.0, 0.1)))
     lr_tag = "" if lrs == (0.01, 0.05) else "_lr" + "-".join(str(x) for x in lrs)
-    splits = load_data("fashion_mnist", seed=0, subset=n_pre + n_ft, test_subset=1000)
+    splits = load_data("fashion_mnist", data_seed=0, subset=n_pre + n_ft, test_subset=1000)
     xtr, ytr = splits.train.tensors
     perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))
     pre_idx, ft_idx = perm[:n_pre], perm[n_pre:]

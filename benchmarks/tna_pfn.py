@@ -109,7 +109,7 @@ def main():
     torch.set_num_threads(1)
     q = args.quick
     t0 = time.time()
-    splits = load_data("fashion_mnist", seed=0, subset=600 if q else 3000,
+    splits = load_data("fashion_mnist", data_seed=0, subset=600 if q else 3000,
                        test_subset=300 if q else 2000)
     full = (splits.train, make_loader(splits.test, batch_size=500))
     small = (downsample(splits.train, 2), make_loader(downsample(splits.test, 2), batch_size=500))

@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 def digits():
     from neuralign.data import load_digits
 
-    return load_digits(seed=0)
+    return load_digits(data_seed=0)
 
 
 @pytest.fixture(scope="session")

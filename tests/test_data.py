@@ -15,9 +15,9 @@ def test_digits_shapes_classes_and_determinism(digits):
     assert x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert len(digits.train) + len(digits.val) + len(digits.test) == 1797
     assert set(y.tolist()) == set(range(10))
-    again = load_digits(seed=0)
+    again = load_digits(data_seed=0)
     assert torch.equal(again.val.tensors[0], digits.val.tensors[0])
-    other = load_digits(seed=1)
+    other = load_digits(data_seed=1)
     assert not torch.equal(other.val.tensors[1], digits.val.tensors[1])
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
 
@@ -31,12 +31,12 @@ def test_loader_order_is_seeded(digits):
 
 
 def test_fashion_mnist_shapes_and_splits(fashion_root):
-    s = load_fashion_mnist(seed=0, subset=2000, test_subset=1000)
+    s = load_fashion_mnist(data_seed=0, subset=2000, test_subset=1000)
     assert s.input_shape == (1, 28, 28) and s.num_classes == 10
     assert s.train.tensors[0].shape == (2000, 1, 28, 28)
     assert len(s.val) == 5000 and len(s.test) == 1000
     assert torch.bincount(s.train.tensors[1]).tolist() == [200] * 10
-    s2 = load_fashion_mnist(seed=0, subset=2000, test_subset=1000)
+    s2 = load_fashion_mnist(data_seed=0, subset=2000, test_subset=1000)
     assert torch.equal(s.train.tensors[1], s2.train.tensors[1])
     full = load_data("fashion-mnist")
     assert len(full.train) == 55000 and len(full.test) == 10000
@@ -65,10 +65,10 @@ def test_fashion_mnist_env_variable_and_truncated_file(tmp_path, monkeypatch):
 
 
 def test_mnist1d_is_generated_not_downloaded():
-    s = load_mnist1d(seed=0, num_samples=1000)
+    s = load_mnist1d(data_seed=0, num_samples=1000)
     assert s.input_shape == (1, 40) and s.num_classes == 10
     assert s.train.tensors[0].shape[1:] == (1, 40)
-    again = load_mnist1d(seed=0, num_samples=1000)
+    again = load_mnist1d(data_seed=0, num_samples=1000)
     assert torch.equal(s.train.tensors[0], again.train.tensors[0])
 
 

@@ -28,9 +28,11 @@ def test_weights_out_writes_the_chosen_layer_weights(tmp_path):
     weights = json.loads(w.read_text())["auto_rgn"]
     assert max(weights.values()) == 1.0 and min(weights.values()) >= 0
     assert (tmp_path / "w.png").stat().st_size > 0
+    assert (w.stat().st_mode & 0o777) == 0o666 & ~_umask()
     r = CliRunner().invoke(app, ["finetune", base, "-s", "full", "--epochs", "1",
                                  "--weights-out", str(tmp_path / "x.json")])
-    assert r.exit_code != 0 and "chooses no per-layer weights" in str(r.exception)
+    assert r.exit_code == 2 and "chooses no per-layer weights" in r.stderr
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_levi_checkpoint_keeps_only_trained_parts_and_reloads(tmp_path):
@@ -42,8 +44,17 @@ def test_levi_checkpoint_keeps_only_trained_parts_and_reloads(tmp_path):
     r = CliRunner().invoke(app, ["finetune", base, "-s", "levi", "-o", "small=cnn4",
                                  "--epochs", "1", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    side = json.loads((tmp_path / "levi.safetensors.json").read_text())
-    assert side["large"] == {"path": base}
+    from neuralign.io import read_sidecar  # the record (header, or a legacy sidecar)
+
+    assert read_sidecar(out)["large"] == {"path": base}
     model = load_levi(out)
     assert isinstance(model, LEVI)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def _umask():
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m

@@ -49,10 +49,20 @@ def check_same_architecture(sds, keys=None, hint: str = "use models of one archi
                     f"{tuple(sd[k].shape)}); {hint}")
 
 
-def check_finite(sd: Mapping[str, torch.Tensor], name: str = "model") -> None:
+def first_nonfinite(sd: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """``(name, "NaN" or "infinite")`` of the first floating tensor with such values, or None."""
     for k, v in sd.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
-            raise CheckpointError(f"{name} has NaN or infinite values in '{k}'; it cannot be merged or aligned")
+            return k, "NaN" if bool(torch.isnan(v).any()) else "infinite"
+    return None
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], name: str = "model") -> None:
+    """One-line ``CheckpointError`` naming the first tensor of ``sd`` with NaN/Inf values."""
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        raise CheckpointError(f"{name} has {bad[1]} values in '{bad[0]}'; it cannot be merged "
+                              "or aligned")
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:

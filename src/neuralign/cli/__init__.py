@@ -1,7 +1,9 @@
 """The ``neuralign`` command.
 
 Each sub-command lives in its own module of this package and exposes ``register(app)``;
-modules are discovered automatically, so adding a command touches no other file.
+modules are discovered automatically, so adding a command touches no other file. Modules import
+only typer and the torch-free helpers at import time; torch and friends are imported inside the
+command bodies, after the options and inputs have been checked.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import pkgutil
 
 import typer
 
+from neuralign.cli._common import OneLineGroup
+
 app = typer.Typer(
+    cls=OneLineGroup,
     name="neuralign",
     help="Knowledge-preserving fine-tuning and model fusion through neuron alignment.",
     no_args_is_help=True,
@@ -39,6 +44,4 @@ _register_all()
 
 
 def main() -> None:
-    from neuralign.cli._common import run_app
-
-    run_app(app)
+    app()

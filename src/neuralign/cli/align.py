@@ -4,73 +4,135 @@ from __future__ import annotations
 
 import typer
 
-from neuralign.cli._common import console, load_cli_data, table
-from neuralign.errors import NeuralignError
+from neuralign.cli import _data, _flow
+from neuralign.cli._common import (
+    ARCH_OPT,
+    DATA_OPT_HELP,
+    DATA_ROOT_OPT,
+    DATA_SEED_OPT,
+    DEVICE_OPT,
+    FORCE_OPT,
+    IMAGE_SIZE_OPT,
+    INPUT_SHAPE_OPT,
+    JSON_OPT,
+    MODEL_KW_OPT,
+    PICKLE_OPT,
+    TEST_DOMAIN_OPT,
+    Report,
+    fail,
+    json_safe,
+)
+from neuralign.cli._inputs import check_choice, check_range, parse_shape
+from neuralign.cli._models import ModelArgs
+
+METHODS = ("weight", "activation", "corr", "cov", "ste", "sinkhorn")
+DATA_METHODS = ("activation", "corr", "cov", "ste")
 
 
-def _example_input(model):
-    """A dummy batch for tracing, from the model's config (when data is not given)."""
+def example_input(model, shape, what: str):
+    """A dummy batch for tracing: --input-shape, else the model's recorded config."""
+    import torch
+
+    if shape is not None:
+        if len(shape) == 1:  # a sequence of token ids
+            return torch.ones(2, shape[0], dtype=torch.long)
+        return torch.zeros(2, *shape)
     from neuralign.align.api import example_input_for
 
     x = example_input_for(model)
-    if x is None:
-        raise NeuralignError("cannot infer the input shape of the model; pass --data so the "
-                             "first batch serves as example input")
+    if x is None and not hasattr(model, "config"):
+        fail(f"cannot tell the input shape of {what}: pass --data (its first batch is traced) "
+             "or --input-shape C,H,W")
     return x
 
 
 def register(app: typer.Typer) -> None:
     @app.command("align")
     def align_cmd(
-        a: str = typer.Argument(..., help="reference checkpoint (.safetensors)"),
-        b: str = typer.Argument(..., help="checkpoint to permute onto A"),
+        a: str = typer.Argument(..., help="reference model (checkpoint or Hugging Face folder)"),
+        b: str = typer.Argument(..., help="model to permute onto A"),
         out: str = typer.Option(..., help="where to write the aligned B (.safetensors)"),
-        method: str = typer.Option("weight", help="weight, activation (=corr), cov, ste, sinkhorn"),
-        data: str = typer.Option(None, help="data set for activation/STE matching (digits, "
-                                 "fashion_mnist, mnist1d); also gives the example input"),
-        data_root: str = typer.Option(None, help="folder of the data files (Fashion-MNIST)"),
-        batches: int = typer.Option(20, help="batches of data for activation matching"),
-        batch_size: int = typer.Option(256),
+        method: str = typer.Option("weight", help="weight, activation (=corr), cov, ste, "
+                                   "sinkhorn"),
+        data: str = typer.Option(None, help=DATA_OPT_HELP + "; activation/STE matching need it"),
+        data_seed: int = DATA_SEED_OPT,
+        data_root: str = DATA_ROOT_OPT,
+        image_size: int = IMAGE_SIZE_OPT,
+        test_domain: str = TEST_DOMAIN_OPT,
+        input_shape: str = INPUT_SHAPE_OPT,
+        batches: int = typer.Option(20, help="batches of data for activation / STE matching"),
+        batch_size: int = typer.Option(_flow.EVAL_BATCH_SIZE),
         restarts: int = typer.Option(0, help="weight matching: extra random restarts"),
         max_iter: int = typer.Option(100, help="weight matching: most sweeps"),
-        seed: int = typer.Option(0),
-        allow_pickle: bool = typer.Option(False, help="allow loading pickle (.pt) checkpoints"),
+        seed: int = typer.Option(0, help="seed of the matching (restarts, data order)"),
+        arch: str = ARCH_OPT,
+        model_option: list[str] = MODEL_KW_OPT,
+        allow_pickle: bool = PICKLE_OPT,
+        device: str = DEVICE_OPT,
+        force: bool = FORCE_OPT,
+        json_: bool = JSON_OPT,
     ) -> None:
         """Align B to A (Git Re-Basin weight matching or activation matching) and save it."""
-        import os
+        rep = Report(json_)
+        method = check_choice(method, METHODS, "--method")
+        check_range(batches, "--batches", lo=1)
+        check_range(batch_size, "--batch-size", lo=1)
+        check_range(restarts, "--restarts", lo=0)
+        check_range(max_iter, "--max-iter", lo=1)
+        shape = parse_shape(input_shape)
+        if method in DATA_METHODS and data is None:
+            fail(f"--method {method} matches activations: it needs --data")
+        margs = ModelArgs(arch, model_option, allow_pickle)
+        dargs = _data.DataArgs(data, data_seed, data_root, image_size, test_domain)
+        _flow.prepare([a, b], margs, dargs, [_flow.model_output("--out", out, "align")],
+                      force=force,
+                      device=device)
+        with rep.running():
+            from neuralign.align import align_models
+            from neuralign.io import save_model
 
-        from neuralign.align import align_models
-        from neuralign.io import load_model, save_model
-
-        if os.path.abspath(out) in (os.path.abspath(a), os.path.abspath(b)):
-            raise NeuralignError(f"--out {out} would overwrite an input checkpoint; choose "
-                                 "another path")
-        model_a = load_model(a, allow_pickle=allow_pickle)
-        model_b = load_model(b, allow_pickle=allow_pickle)
-        loader, example = None, None
-        if data is not None:
-            splits = load_cli_data(data, seed=seed, root=data_root)
-            loader = splits.loader("train", batch_size, shuffle=True, seed=seed)
-        else:
-            example = _example_input(model_a)
-        options = {}
-        if method in ("activation", "corr", "cov"):
-            options["max_batches"] = batches
-        if method == "ste":
-            options["max_steps"] = batches
-        aligned, _, summary = align_models(
-            model_a, model_b, method, loader=loader, seed=seed, example_input=example,
-            max_iter=max_iter, restarts=restarts, **options)
-        save_model(aligned, out, metadata={"aligned_to": a, "source": b, "method": method,
-                                           "seed": seed})
-        rows = [[g["name"], g["size"], g["moved"]] for g in summary["groups"]]
-        console.print(table(f"align {b} -> {a} ({method})", ["group", "units", "moved"], rows))
-        rows = [["weight objective <A, B>", summary["weight_objective_before"],
-                 summary["weight_objective_after"]]]
-        if summary["objective_before"] is not None and method != "weight":
-            rows.append([f"{method} objective", summary["objective_before"],
-                         summary["objective_after"]])
-        console.print(table("objective", ["", "before", "after"], rows))
-        extra = f", {summary['sweeps']} sweeps" if summary.get("sweeps") else ""
-        console.print(f"{len(summary['groups'])} groups, {summary['time_s']:.2f} s"
-                      f"{extra}; saved {out}")
+            inp = _flow.open_inputs([a, b], margs, dargs, need_data=method in DATA_METHODS,
+                                    device=device, check_fit="run")
+            ma, mb = inp.models
+            loader, example = None, None
+            if inp.splits is not None:
+                loader = inp.splits.loader("train", batch_size, shuffle=True, seed=seed)
+                example = _data.example_batch(inp.splits)
+            else:
+                recorded = (inp.infos[0] or {}).get("input_shape")
+                example = example_input(ma, shape or (tuple(recorded) if recorded else None), a)
+            options = {}
+            if method in ("activation", "corr", "cov"):
+                options["max_batches"] = batches
+            if method == "ste":
+                options["max_steps"] = batches
+            if example is not None and device:
+                example = example.to(device)
+            aligned, _, summary = align_models(ma, mb, method, loader=loader, seed=seed,
+                                               example_input=example, max_iter=max_iter,
+                                               restarts=restarts, **options)
+            info_b = inp.infos[1] or {}
+            meta = _data.metadata(
+                "align", info_b.get("data") or inp.data, info_b.get("data_seed"),
+                info_b.get("seed"), None, aligned_to=a, source=b, method=method,
+                align_seed=seed, align_data=inp.data,
+                input_shape=info_b.get("input_shape"), num_classes=info_b.get("num_classes"))
+            save_model(aligned.cpu(), out, metadata=json_safe(meta))
+            groups = [{"name": g["name"], "size": g["size"], "moved": g["moved"]}
+                      for g in summary["groups"]]
+            rep.table(f"align {b} -> {a} ({method})", ["group", "units", "moved"],
+                      [[g["name"], g["size"], g["moved"]] for g in groups])
+            rows = [["weight objective <A, B>", summary["weight_objective_before"],
+                     summary["weight_objective_after"]]]
+            if summary["objective_before"] is not None and method != "weight":
+                rows.append([f"{method} objective", summary["objective_before"],
+                             summary["objective_after"]])
+            rep.table("objective", ["", "before", "after"], rows)
+            extra = f", {summary['sweeps']} sweeps" if summary.get("sweeps") else ""
+            rep.note(f"{len(groups)} groups, {summary['time_s']:.2f} s{extra}; saved {out}")
+            rep.data.update(out=out, a=a, b=b, method=method, groups=groups,
+                            weight_objective_before=summary["weight_objective_before"],
+                            weight_objective_after=summary["weight_objective_after"],
+                            objective_before=summary["objective_before"],
+                            objective_after=summary["objective_after"],
+                            seconds=summary["time_s"])

@@ -1,106 +1,189 @@
 """``neuralign merge A B [C ...]``: align (optionally), merge, REPAIR, save.
 
-Also holds the small helpers the barrier / cka / surface / connect commands share.
+Also holds the alignment helper the barrier / cka / surface / connect commands share.
 """
 
 from __future__ import annotations
 
-import os
-
 import typer
 
-from neuralign.cli._common import console, load_cli_data, parse_options, table
-from neuralign.errors import NeuralignError
+from neuralign.cli import _data, _flow
+from neuralign.cli._common import (
+    ARCH_OPT,
+    DATA_OPT_HELP,
+    DATA_ROOT_OPT,
+    DATA_SEED_OPT,
+    DEVICE_OPT,
+    FORCE_OPT,
+    IMAGE_SIZE_OPT,
+    INPUT_SHAPE_OPT,
+    JSON_OPT,
+    MODEL_KW_OPT,
+    PICKLE_OPT,
+    TEST_DOMAIN_OPT,
+    Report,
+    fail,
+    json_safe,
+    parse_options,
+    warn,
+)
+from neuralign.cli._inputs import check_choice, check_range, parse_shape
+from neuralign.cli._models import ModelArgs
 
 ALIGN_CHOICES = ("none", "weight", "activation", "cov")
+# The -o/--option keys each merge method takes (tests check them against the functions).
+METHOD_OPTIONS = {
+    "average": (), "uniform-soup": (), "greedy-soup": (),
+    "learned-soup": ("epochs", "lr", "max_batches"),
+    "learned-soup-layer": ("epochs", "lr", "max_batches"),
+    "fisher": ("n_examples", "eps"),
+    "ot": ("reference", "ground", "n_samples"),
+    "matched": ("slack", "growth_penalty", "max_width", "n_iter"),
+    "zipit": ("stop_at", "within", "n_samples"),
+}
+NEEDS_DATA = ("greedy-soup", "learned-soup", "learned-soup-layer", "zipit", "fisher")
+SELF_ALIGNING = ("ot", "matched", "zipit")
 
 
-def load_models(paths, allow_pickle=False):
-    from neuralign.io import load_model
-
-    return [load_model(p, allow_pickle=allow_pickle).eval() for p in paths]
-
-
-def check_out(out, inputs):
-    if out is not None and os.path.abspath(out) in {os.path.abspath(p) for p in inputs}:
-        raise NeuralignError(f"--out {out} would overwrite an input checkpoint; choose another path")
-
-
-def align_to_first(models, align, loader, seed=0):
+def align_to_first(models, align, loader, seed=0, example=None):
     """Align every model after the first onto the first (neuralign.align.align_models)."""
-    if align not in ALIGN_CHOICES:
-        raise NeuralignError(f"--align must be one of {', '.join(ALIGN_CHOICES)}, got {align!r}")
     if align == "none":
         return list(models)
     if align in ("activation", "cov") and loader is None:
-        raise NeuralignError(f"--align {align} needs --data")
+        fail(f"--align {align} needs --data")
     from neuralign.align import align_models
 
     method = "corr" if align == "activation" else align
     out = [models[0]]
     for m in models[1:]:
-        aligned, _, _ = align_models(models[0], m, method, loader=loader, seed=seed)
+        aligned, _, _ = align_models(models[0], m, method, loader=loader, seed=seed,
+                                     example_input=example)
         out.append(aligned.eval())
     return out
 
 
-def data_loaders(data, data_root, seed, batch_size=256, fit_batches=None):
-    """(fit loader on training data, evaluation loader on the validation split)."""
-    if data is None:
-        return None, None
-    splits = load_cli_data(data, seed=seed, root=data_root)
-    fit = splits.loader("train", batch_size, shuffle=False)
-    if fit_batches is not None:
-        fit = [b for i, b in zip(range(fit_batches), fit)]
-    return fit, splits.loader("val", batch_size, shuffle=False)
+def parse_coeffs(text: str | None, n: int, extrapolate: bool, flag: str = "--coeffs"):
+    if text is None:
+        return None
+    try:
+        w = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.3,0.7")
+    if len(w) != n:
+        fail(f"{flag} gives {len(w)} coefficients for {n} models")
+    for x in w:
+        check_range(x, flag, lo=None if extrapolate else 0.0, hi=None if extrapolate else 1.0)
+    total = sum(w)
+    if abs(total) < 1e-12:
+        fail(f"{flag} {text}: the coefficients sum to 0")
+    if abs(total - 1) > 1e-6:
+        warn(f"{flag} {text} sums to {total:g}; the coefficients are divided by it")
+    return w
 
 
 def register(app: typer.Typer) -> None:
     @app.command("merge")
     def merge_cmd(
-        checkpoints: list[str] = typer.Argument(..., help="two or more .safetensors checkpoints"),
+        checkpoints: list[str] = typer.Argument(..., help="two or more models"),
         out: str = typer.Option(..., help="where to write the merged model (.safetensors)"),
-        method: str = typer.Option("average", help="average, uniform-soup, greedy-soup, learned-soup, "
-                                   "learned-soup-layer, fisher, ot, matched, zipit"),
-        align: str = typer.Option("none", help="none, weight, activation or cov: align every model to "
-                                  "the first before merging (not needed for ot/matched/zipit)"),
-        repair_: bool = typer.Option(False, "--repair", help="REPAIR the merge of two models (needs --data)"),
-        bn_reset: bool = typer.Option(True, help="reset batch-norm statistics on --data after merging"),
-        weights: str = typer.Option(None, help="comma-separated model weights, e.g. 0.3,0.7"),
-        data: str = typer.Option(None, help="digits, fashion_mnist or mnist1d: held-out data for soups, "
-                                 "Fisher, activation alignment/OT, REPAIR and the report"),
-        data_root: str = typer.Option(None),
-        fit_batches: int = typer.Option(8, help="training batches used for BN reset / REPAIR / Fisher"),
+        method: str = typer.Option("average", help=", ".join(METHOD_OPTIONS)),
+        align: str = typer.Option("none", help="none, weight, activation or cov: align every "
+                                  "model to the first before merging (not for ot/matched/zipit)"),
+        repair_: bool = typer.Option(False, "--repair", help="REPAIR the merge of two models "
+                                     "(needs data)"),
+        bn_reset: bool = typer.Option(True, help="reset batch-norm statistics on the training "
+                                      "data after merging"),
+        coeffs: str = typer.Option(None, "--coeffs", help="mixing coefficients, one per model, "
+                                   "in [0, 1], e.g. 0.3,0.7 (default: equal)"),
+        weights_alias: str = typer.Option(None, "--weights", hidden=True),
+        extrapolate: bool = typer.Option(False, "--extrapolate", help="allow --coeffs outside "
+                                         "[0, 1]"),
+        data: str = typer.Option(None, help=DATA_OPT_HELP),
+        data_seed: int = DATA_SEED_OPT,
+        data_root: str = DATA_ROOT_OPT,
+        image_size: int = IMAGE_SIZE_OPT,
+        test_domain: str = TEST_DOMAIN_OPT,
+        fit_batches: int = typer.Option(8, help="training batches for BN reset / REPAIR"),
+        input_shape: str = INPUT_SHAPE_OPT,
         seed: int = typer.Option(0),
         option: list[str] = typer.Option(None, "--option", "-o", help="method option key=value "
                                          "(e.g. ground=activation, stop_at=2, max_width=64)"),
-        allow_pickle: bool = typer.Option(False),
+        arch: str = ARCH_OPT,
+        model_option: list[str] = MODEL_KW_OPT,
+        allow_pickle: bool = PICKLE_OPT,
+        device: str = DEVICE_OPT,
+        force: bool = FORCE_OPT,
+        json_: bool = JSON_OPT,
     ) -> None:
-        """Merge models into one and save it; prints each model's and the merge's accuracy."""
-        from neuralign.io import save_model
-        from neuralign.merge import merge, repair
-        from neuralign.merge._util import evaluate
-
+        """Merge models into one and save it; reports each model's and the merge's accuracy."""
+        rep = Report(json_)
         if len(checkpoints) < 2:
-            raise NeuralignError("merge needs at least two checkpoints")
-        check_out(out, checkpoints)
-        models = load_models(checkpoints, allow_pickle)
-        fit, val = data_loaders(data, data_root, seed, fit_batches=fit_batches)
-        w = [float(x) for x in weights.split(",")] if weights else None
-        if method.replace("_", "-") not in ("ot", "matched", "zipit"):
-            models = align_to_first(models, align, fit, seed)
-        held_out = val
-        merged = merge(models, w, method, data=held_out, bn_loader=fit if bn_reset else None, seed=seed,
-                       **parse_options(option))
-        if repair_:
-            if len(models) != 2 or fit is None:
-                raise NeuralignError("--repair merges exactly two models and needs --data")
-            t = 0.5 if w is None else w[1] / (w[0] + w[1])
-            merged = repair(models[0], models[1], merged, fit, t)
-        save_model(merged, out, metadata={"inputs": list(checkpoints), "method": method, "align": align,
-                                          "repair": repair_, "weights": w})
-        if val is not None:
-            rows = [[p, *(evaluate(m, val)[k] for k in ("loss", "accuracy"))] for p, m in zip(checkpoints, models)]
-            rows.append([f"merged ({method}{' + REPAIR' if repair_ else ''})", *(evaluate(merged, val)[k] for k in ("loss", "accuracy"))])
-            console.print(table(f"validation ({data})", ["model", "loss", "accuracy"], rows))
-        console.print(f"saved {out}")
+            fail("merge needs at least two checkpoints")
+        method = check_choice(method, tuple(METHOD_OPTIONS), "--method")
+        align = check_choice(align, ALIGN_CHOICES, "--align")
+        options = parse_options(option, allowed=METHOD_OPTIONS[method],
+                                what=f"option of --method {method}")
+        if weights_alias is not None:
+            if coeffs is not None:
+                fail("give --coeffs only (--weights is its old name)")
+            warn("--weights is deprecated: use --coeffs")
+            coeffs = weights_alias
+        w = parse_coeffs(coeffs, len(checkpoints), extrapolate)
+        check_range(fit_batches, "--fit-batches", lo=1)
+        shape = parse_shape(input_shape)
+        if repair_ and len(checkpoints) != 2:
+            fail("--repair merges exactly two models")
+        if method in SELF_ALIGNING and align != "none":
+            fail(f"--method {method} matches units itself: drop --align {align}")
+        margs = ModelArgs(arch, model_option, allow_pickle)
+        dargs = _data.DataArgs(data, data_seed, data_root, image_size, test_domain)
+        _flow.prepare(checkpoints, margs, dargs, [_flow.model_output("--out", out, "merge")],
+                      force=force, device=device)
+        with rep.running():
+            from neuralign.evaluation import evaluate
+            from neuralign.io import save_model
+            from neuralign.merge import merge, repair
+
+            need = method in NEEDS_DATA or repair_ or align in ("activation", "cov")
+            inp = _flow.open_inputs(checkpoints, margs, dargs, need_data=need, device=device)
+            fit, val = _flow.loaders(inp, fit_batches=fit_batches)
+            models = inp.models
+            if method not in SELF_ALIGNING and align != "none":
+                from neuralign.cli.align import example_input
+
+                example = None
+                if inp.splits is not None:
+                    example = _data.example_batch(inp.splits)
+                else:
+                    rec = (inp.infos[0] or {}).get("input_shape")
+                    example = example_input(models[0], shape or (tuple(rec) if rec else None),
+                                            checkpoints[0])
+                if example is not None and device:
+                    example = example.to(device)
+                models = align_to_first(models, align, fit, seed, example)
+            merged = merge(models, w, method, data=val, bn_loader=fit if bn_reset else None,
+                           seed=seed, **options)
+            if repair_:
+                t = 0.5 if w is None else w[1] / (w[0] + w[1])
+                merged = repair(models[0], models[1], merged, fit, t)
+            info = inp.infos[0] or {}
+            meta = _data.metadata("merge", inp.data, inp.data_seed if inp.data else None,
+                                  seed, inp.splits, inputs=list(checkpoints), method=method,
+                                  align=align, repair=repair_, coeffs=w)
+            if inp.splits is None:
+                meta.update(input_shape=info.get("input_shape"),
+                            num_classes=info.get("num_classes"))
+            save_model(merged.cpu() if device else merged, out, metadata=json_safe(meta))
+            rows = []
+            if val is not None:
+                label = f"merged ({method}{' + REPAIR' if repair_ else ''})"
+                for name, m in [*zip(checkpoints, models), (label, merged)]:
+                    ev = evaluate(m, val, device=device)
+                    rows.append({"model": name, "loss": ev["loss"], "accuracy": ev["accuracy"]})
+                rep.table(f"validation ({inp.data}, data seed {inp.data_seed})",
+                          ["model", "loss", "accuracy"],
+                          [[r["model"], r["loss"], r["accuracy"]] for r in rows])
+            rep.note(f"saved {out}")
+            rep.data.update(out=out, inputs=list(checkpoints), method=method, align=align,
+                            repair=repair_, coeffs=w, data=inp.data,
+                            data_seed=inp.data_seed if inp.data else None, validation=rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class Splits:
     num_classes: int
     input_shape: tuple[int, ...]
     name: str
+    data_seed: int = 0
 
     def loader(self, split: str = "train", batch_size: int = 128, shuffle: bool | None = None,
                seed: int = 0) -> DataLoader:
@@ -43,7 +45,8 @@ class Splits:
 
     def __repr__(self) -> str:
         return (f"Splits({self.name}: train={len(self.train)}, val={len(self.val)}, "
-                f"test={len(self.test)}, classes={self.num_classes}, shape={self.input_shape})")
+                f"test={len(self.test)}, classes={self.num_classes}, shape={self.input_shape}, "
+                f"data_seed={self.data_seed})")
 
 
 def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False,
@@ -54,9 +57,27 @@ def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False,
                       drop_last=drop_last)
 
 
+def resolve_data_seed(data_seed, seed=None, where: str = "load_data") -> int:
+    """The split seed: ``data_seed``; ``seed`` is its deprecated alias (FutureWarning), kept
+    because older code passed a model's seed there, which made every model's test set differ."""
+    if seed is not None:
+        warnings.warn(f"{where}(seed=...) is deprecated: pass data_seed=; the split must not "
+                      "follow a model's seed (a different seed is a different test set)",
+                      FutureWarning, stacklevel=3)
+        if data_seed not in (0, None, seed):
+            raise DataError(f"{where}: seed={seed} and data_seed={data_seed} disagree; pass "
+                            "only data_seed")
+        data_seed = seed
+    data_seed = 0 if data_seed is None else data_seed
+    if isinstance(data_seed, bool) or not isinstance(data_seed, (int, np.integer)) \
+            or data_seed < 0:
+        raise DataError(f"data_seed must be an integer >= 0, got {data_seed!r}")
+    return int(data_seed)
+
+
 def _split_indices(n: int, fractions: tuple[float, float], seed: int) -> list[np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
-    n_val, n_test = int(round(fractions[0] * n)), int(round(fractions[1] * n))
+    n_val, n_test = round(fractions[0] * n), round(fractions[1] * n)
     return [perm[n_val + n_test:], perm[:n_val], perm[n_val:n_val + n_test]]
 
 
@@ -75,11 +96,14 @@ def _balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(idx))
 
 
-def load_digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15) -> Splits:
+def load_digits(data_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                *, seed: int | None = None) -> Splits:
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes) as ``(N, 1, 8, 8)`` in [0, 1],
-    standardised with the training mean and std. The embedded default: nothing to install."""
+    standardised with the training mean and std. The embedded default: nothing to install.
+    The split is drawn from ``data_seed`` (``seed``: deprecated alias)."""
     from sklearn.datasets import load_digits as sk_digits
 
+    seed = resolve_data_seed(data_seed, seed, "load_digits")
     bunch = sk_digits()
     x = bunch.images.astype(np.float32)[:, None] / 16.0
     y = bunch.target.astype(np.int64)
@@ -87,7 +111,7 @@ def load_digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float 
     mean, std = x[tr].mean(), x[tr].std()
     x = (x - mean) / std
     return Splits(_tensors(x[tr], y[tr]), _tensors(x[va], y[va]), _tensors(x[te], y[te]),
-                  10, (1, 8, 8), "digits")
+                  10, (1, 8, 8), "digits", seed)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -142,11 +166,15 @@ def load_fashion_mnist_arrays(root=None) -> dict[str, np.ndarray]:
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
 
-def load_fashion_mnist(root=None, seed: int = 0, val_size: int = 5000,
-                       subset: int | None = None, test_subset: int | None = None) -> Splits:
-    """Fashion-MNIST as ``(N, 1, 28, 28)``, standardised. The validation set is ``val_size``
-    images held out of the 60,000 training images (seeded); ``subset`` keeps a class-balanced
-    subset of the remaining training images, ``test_subset`` of the test images."""
+def load_fashion_mnist(root=None, data_seed: int = 0, val_size: int = 5000,
+                       subset: int | None = None, test_subset: int | None = None, *,
+                       seed: int | None = None) -> Splits:
+    """Fashion-MNIST as ``(N, 1, 28, 28)``, standardised. The test set is the official 10,000
+    test images (``t10k``); the validation set is ``val_size`` images held out of the 60,000
+    training images, drawn from ``data_seed``; ``subset`` keeps a class-balanced subset of the
+    remaining training images, ``test_subset`` of the test images (both from ``data_seed``;
+    ``seed``: deprecated alias)."""
+    seed = resolve_data_seed(data_seed, seed, "load_fashion_mnist")
     arr = load_fashion_mnist_arrays(root)
     x = (arr["train_images"].astype(np.float32) / 255.0 - FASHION_MEAN) / FASHION_STD
     y = arr["train_labels"].astype(np.int64)
@@ -158,12 +186,15 @@ def load_fashion_mnist(root=None, seed: int = 0, val_size: int = 5000,
         tr = tr[_balanced_subset(y[tr], subset, seed)]
     te = np.arange(len(yt)) if test_subset is None else _balanced_subset(yt, test_subset, seed)
     return Splits(_tensors(x[tr, None], y[tr]), _tensors(x[va, None], y[va]),
-                  _tensors(xt[te, None], yt[te]), 10, (1, 28, 28), "fashion_mnist")
+                  _tensors(xt[te, None], yt[te]), 10, (1, 28, 28), "fashion_mnist", seed)
 
 
-def load_mnist1d(seed: int = 0, num_samples: int = 5000, val_fraction: float = 0.1) -> Splits:
+def load_mnist1d(data_seed: int = 0, num_samples: int = 5000, val_fraction: float = 0.1, *,
+                 seed: int | None = None) -> Splits:
     """MNIST-1D generated locally with ``mnist1d.data.make_dataset`` (never downloaded) as
-    ``(N, 1, 40)``."""
+    ``(N, 1, 40)``. ``data_seed`` seeds the generation and the validation split (``seed``:
+    deprecated alias)."""
+    seed = resolve_data_seed(data_seed, seed, "load_mnist1d")
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as exc:
@@ -176,26 +207,63 @@ def load_mnist1d(seed: int = 0, num_samples: int = 5000, val_fraction: float = 0
     y = np.asarray(data["y"], dtype=np.int64)
     xt = np.asarray(data["x_test"], dtype=np.float32)
     yt = np.asarray(data["y_test"], dtype=np.int64)
-    n_val = int(round(val_fraction * len(y)))
+    n_val = round(val_fraction * len(y))
     perm = np.random.default_rng(seed).permutation(len(y))
     va, tr = perm[:n_val], perm[n_val:]
     mean, std = x[tr].mean(), x[tr].std()
-    norm = lambda a: (a - mean) / std  # noqa: E731
+    norm = lambda a: (a - mean) / std
     return Splits(_tensors(norm(x[tr])[:, None], y[tr]), _tensors(norm(x[va])[:, None], y[va]),
-                  _tensors(norm(xt)[:, None], yt), 10, (1, x.shape[1]), "mnist1d")
+                  _tensors(norm(xt)[:, None], yt), 10, (1, x.shape[1]), "mnist1d", seed)
 
 
 DATASETS = {"digits": load_digits, "fashion_mnist": load_fashion_mnist, "mnist1d": load_mnist1d}
 
 
-def load_data(name: str, *, seed: int = 0, root=None, **kw) -> Splits:
-    """Load a data set by name: ``digits`` (default, embedded), ``fashion_mnist``, ``mnist1d``."""
+def load_data(name: str, *, data_seed: int = 0, root=None, subset: int | None = None,
+              seed: int | None = None, **kw) -> Splits:
+    """Load a data set by name: ``digits`` (default, embedded), ``fashion_mnist``, ``mnist1d``, or
+    a source ``imagefolder:DIR``, ``npz:FILE``, ``hf-disk:DIR``, ``module:function``.
+
+    The train/val/test split is drawn from ``data_seed`` alone (default 0), never from a model's
+    seed, so models trained with different seeds share one test set; the result records it
+    (``Splits.data_seed``). ``seed`` is a deprecated alias of ``data_seed`` (FutureWarning).
+    ``subset`` keeps a class-balanced subset of that many training examples (from ``data_seed``).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"a data set name must be a non-empty string, got {name!r}")
+    data_seed = resolve_data_seed(data_seed, seed, "load_data")
+    if subset is not None and (isinstance(subset, bool)
+                               or not isinstance(subset, (int, np.integer)) or subset < 1):
+        raise DataError(f"subset must be a positive integer, got {subset!r}")
+    subset = None if subset is None else int(subset)
     key = name.replace("-", "_").lower()
+    if key not in DATASETS and ":" in name:
+        from neuralign.data import sources
+
+        extra = {"root": root} if root is not None else {}
+        splits = sources.load_source(name, data_seed=data_seed, **extra, **kw)
+        return _train_subset(splits, subset, data_seed) if subset is not None else splits
     if key not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)} "
-                        "(or use neuralign.data.domainbed for ImageFolder domains)")
-    if key == "fashion_mnist":
-        return load_fashion_mnist(root=root, seed=seed, **kw)
-    if root is not None:
-        raise DataError(f"{name} takes no root: it is generated or embedded")
-    return DATASETS[key](seed=seed, **kw)
+        raise DataError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}, or "
+                        "imagefolder:DIR, npz:FILE, hf-disk:DIR, module:function")
+    try:
+        if key == "fashion_mnist":
+            return load_fashion_mnist(root=root, data_seed=data_seed, subset=subset, **kw)
+        if root is not None:
+            raise DataError(f"{name} takes no root: it is generated or embedded")
+        splits = DATASETS[key](data_seed=data_seed, **kw)
+    except TypeError as exc:
+        raise DataError(f"bad option for data set {name!r}: {exc}") from exc
+    return _train_subset(splits, subset, data_seed) if subset is not None else splits
+
+
+def _train_subset(splits: Splits, subset: int, data_seed: int) -> Splits:
+    """``splits`` with a class-balanced subset of ``subset`` training examples."""
+    from dataclasses import replace
+
+    x, y = splits.train.tensors
+    if subset > len(y):
+        raise DataError(f"subset={subset} exceeds the {len(y)} training examples of "
+                        f"{splits.name}")
+    idx = _balanced_subset(y.numpy(), subset, data_seed)
+    return replace(splits, train=TensorDataset(x[idx], y[idx]))

@@ -282,6 +282,11 @@ def run_fedma(grid, task, model, cfg: FedMAConfig, rounds: int, train_config, ev
         client_sds = dict(zip(ids, new))  # failed clients sit out the rest of this pass
         hist["widths"][str(r)] = int(glob[f"{layers[l]}.weight"].shape[0])
         acc, loss = float("nan"), float("nan")
+        if l != L - 1:  # mid-pass: no global model to evaluate yet; report the matched layer
+            from neuralign.federated.server import ROUND_HOOKS
+
+            for hook in list(ROUND_HOOKS):
+                hook(r, {"layer": layers[l], "width": hist["widths"][str(r)]})
         if l == L - 1:  # pass complete: every layer is global
             global_sd = copy.copy(new[0])
             ev = evaluate_fn(r, ArrayRecord(global_sd))

@@ -20,6 +20,21 @@ from neuralign.federated.task import FedTask
 from neuralign.train import evaluate
 
 LAST_RESULT: dict = {}  # the history of the last ServerApp run in this process
+# Called as hook(round, {"accuracy": ..., "loss": ...}) after every central evaluation (the CLI
+# prints each round with it).
+ROUND_HOOKS: list = []
+
+
+def json_safe(obj):
+    """``obj`` with NaN/Inf floats as None (FedMA's incomplete passes), so the history file is
+    valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def central_evaluator(task: FedTask):
@@ -33,7 +48,10 @@ def central_evaluator(task: FedTask):
     def evaluate_fn(server_round: int, arrays):
         model = model_from_arrays(task, arrays)
         ev = evaluate(model, loader)
-        return MetricRecord({"accuracy": float(ev["accuracy"]), "loss": float(ev["loss"])})
+        metrics = {"accuracy": float(ev["accuracy"]), "loss": float(ev["loss"])}
+        for hook in list(ROUND_HOOKS):
+            hook(server_round, dict(metrics))
+        return MetricRecord(metrics)
 
     return evaluate_fn
 
@@ -97,8 +115,10 @@ def run_server(grid, run_config: dict) -> dict:
 
         final = hist.pop("_final_arrays", None)
         if final is not None:
-            save_model(model_from_arrays(task, final), save,
-                       metadata={"federated": {k: v for k, v in hist.items() if k != "task"}})
+            meta = {"command": "federate", "data": task.dataset,
+                    "data_seed": getattr(task, "data_seed", 0), "seed": task.seed,
+                    "federated": {k: v for k, v in hist.items() if k != "task"}}
+            save_model(model_from_arrays(task, final), save, metadata=json_safe(meta))
     hist.pop("_final_arrays", None)
     LAST_RESULT.clear()
     LAST_RESULT.update(hist)
@@ -106,7 +126,7 @@ def run_server(grid, run_config: dict) -> dict:
         out = Path(task.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(hist, indent=1))
+        tmp.write_text(json.dumps(json_safe(hist), indent=1, allow_nan=False))
         os.replace(tmp, out)
     return hist
 

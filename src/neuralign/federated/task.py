@@ -36,6 +36,7 @@ class FedTask:
     model: str = "lenet"          # "lenet" (federated/models.py) or any get_model name
     model_kwargs: str = "{}"      # JSON, passed to the model's constructor
     seed: int = 0                 # model initialisation, partition and client data order
+    data_seed: int = 0            # the train/val/test split (never the model's seed)
     batch_size: int = 32
     local_epochs: int = 1
     lr: float = 0.05
@@ -59,11 +60,13 @@ class FedTask:
 
     # -- data --------------------------------------------------------------------------------
     def splits(self):
-        return _splits(self.dataset, self.subset, self.test_subset, self.data_root, self.seed)
+        return _splits(self.dataset, self.subset, self.test_subset, self.data_root,
+                       self.data_seed)
 
     def partitions(self) -> list[np.ndarray]:
         return _partitions(self.dataset, self.subset, self.test_subset, self.data_root,
-                           self.seed, self.num_partitions, self.alpha, self.min_partition_size)
+                           self.data_seed, self.seed, self.num_partitions, self.alpha,
+                           self.min_partition_size)
 
     def client_loader(self, partition_id: int, server_round: int = 0):
         if not 0 <= partition_id < self.num_partitions:
@@ -94,14 +97,14 @@ class FedTask:
 
 
 @functools.lru_cache(maxsize=4)
-def _splits(dataset, subset, test_subset, root, seed):
+def _splits(dataset, subset, test_subset, root, data_seed):
     kw = {}
     if dataset.replace("-", "_") == "fashion_mnist":
         kw = {"root": root or None, "subset": subset or None, "test_subset": test_subset or None}
-    return load_data(dataset, seed=seed, **kw)
+    return load_data(dataset, data_seed=data_seed, **kw)
 
 
 @functools.lru_cache(maxsize=8)
-def _partitions(dataset, subset, test_subset, root, seed, n, alpha, min_size):
-    labels = _splits(dataset, subset, test_subset, root, seed).train.tensors[1].numpy()
+def _partitions(dataset, subset, test_subset, root, data_seed, seed, n, alpha, min_size):
+    labels = _splits(dataset, subset, test_subset, root, data_seed).train.tensors[1].numpy()
     return dirichlet_partition(labels, n, alpha, seed=seed, min_partition_size=min_size)

@@ -6,7 +6,6 @@ The model remembers how it was built (``model_config``), so checkpoints can rebu
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,94 +51,65 @@ def list_models() -> list[str]:
     return sorted(REFERENCE_MODELS) + ["torchvision:<name>", "timm:<name>", "hf:<path>"]
 
 
-def _require(module: str, extra: str):
-    try:
-        return __import__(module)
-    except ImportError as exc:
-        raise NeuralignError(
-            f"{module} is not installed; install it with: pip install 'neuralign[{extra}]'"
-        ) from exc
+_EXTERNAL = ("torchvision", "timm", "hf")
 
 
-def _torchvision(name: str, num_classes=None, weights=None, in_channels=None, image_size=None,
-                 **kw):
-    _require("torchvision", "vision")
-    import torchvision
+def _external(source: str):
+    from neuralign.models import external
 
-    try:
-        builder = torchvision.models.get_model_builder(name)
-    except ValueError as exc:
-        raise NeuralignError(f"torchvision has no model {name!r}") from exc
-    model = builder(weights=None, **({"num_classes": num_classes} if num_classes else {}), **kw)
-    if weights:
-        _load_local_weights(model, weights, strict_head=num_classes is None)
-    return model
+    return {"torchvision": external.torchvision_model, "timm": external.timm_model,
+            "hf": external.hf_model}[source]
 
 
-def _timm(name: str, num_classes=None, weights=None, in_channels=None, image_size=None, **kw):
-    _require("timm", "vision")
-    import timm
-
-    extra = {}
-    if num_classes is not None:
-        extra["num_classes"] = num_classes
-    if in_channels is not None:
-        extra["in_chans"] = in_channels
-    if image_size is not None and "img_size" in inspect.signature(timm.create_model).parameters:
-        extra["img_size"] = image_size
-    try:
-        model = timm.create_model(name, pretrained=False, **extra, **kw)
-    except RuntimeError as exc:
-        raise NeuralignError(f"timm cannot build {name!r}: {exc}") from exc
-    if weights:
-        _load_local_weights(model, weights, strict_head=num_classes is None)
-    return model
-
-
-def _hf(path: str, num_classes=None, weights=None, in_channels=None, image_size=None, **kw):
-    _require("transformers", "hf")
-    import transformers
-
-    if not Path(path).exists():
-        raise NeuralignError(
-            f"hf:{path}: no such local directory; neuralign never downloads weights: pass the "
-            "path of a saved model (config.json + weights)"
-        )
-    if num_classes is None:
-        return transformers.AutoModel.from_pretrained(path, local_files_only=True, **kw)
-    return transformers.AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_classes, local_files_only=True, **kw)
-
-
-def _load_local_weights(model: nn.Module, path, strict_head: bool) -> None:
-    from neuralign.io import load_state_dict
-
-    sd = load_state_dict(path, allow_pickle=str(path).endswith((".pt", ".pth")))
-    own = model.state_dict()
-    if not strict_head:  # a new head: keep the pre-trained body, drop mismatched head tensors
-        sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if strict_head and (missing or unexpected):
-        raise NeuralignError(f"weights {path} do not fit the model: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
-
-
-def get_model(name: str, **kwargs) -> nn.Module:
-    """Build a model by name: a reference model or ``torchvision:``/``timm:``/``hf:`` one."""
+def _build(name: str, kwargs: dict, weights, allow_pickle: bool) -> nn.Module:
     if ":" in name:
         source, _, sub = name.partition(":")
-        builders = {"torchvision": _torchvision, "timm": _timm, "hf": _hf}
-        if source not in builders:
-            raise NeuralignError(f"unknown model source {source!r}; use torchvision:, timm: or hf:")
-        model = builders[source](sub, **kwargs)
+        if source not in _EXTERNAL:
+            raise NeuralignError(f"unknown model source {source!r} in {name!r}; use "
+                                 "torchvision:<name>, timm:<name> or hf:<dir>")
+        if not sub:
+            raise NeuralignError(f"{name!r} names no model; e.g. torchvision:resnet18")
+        return _external(source)(sub, weights=weights, allow_pickle=allow_pickle, **kwargs)
+    if name not in REFERENCE_MODELS:
+        raise NeuralignError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    try:
+        model = REFERENCE_MODELS[name](**kwargs)
+    except TypeError as exc:
+        raise NeuralignError(f"bad arguments for model {name!r}: {exc}") from exc
+    if weights:
+        from neuralign.models.external import read_weights
+        from neuralign.models.weights import load_strict
+
+        load_strict(model, read_weights(weights, allow_pickle), str(weights))
+    return model
+
+
+def get_model(name: str, *, seed: int | None = None, weights=None, allow_pickle: bool = False,
+              **kwargs) -> nn.Module:
+    """Build a model by name: a reference model (``mlp``, ``resnet20``...) or
+    ``torchvision:<name>``, ``timm:<name>``, ``hf:<dir>``.
+
+    ``seed`` makes the initialisation reproducible (without touching the global RNG state);
+    ``weights`` is a local file loaded strictly (a file of another architecture is an error; with
+    ``num_classes`` only the head may differ and is then fresh); ``allow_pickle`` lets that file
+    be a PyTorch pickle. ``in_channels`` changes the input convolution of torchvision/timm
+    models. The model remembers how it was built (``model_config``)."""
+    if not isinstance(name, str) or not name:
+        raise NeuralignError(f"a model name must be a non-empty string, got {name!r}")
+    if seed is None:
+        model = _build(name, kwargs, weights, allow_pickle)
     else:
-        if name not in REFERENCE_MODELS:
-            raise NeuralignError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-        try:
-            model = REFERENCE_MODELS[name](**kwargs)
-        except TypeError as exc:
-            raise NeuralignError(f"bad arguments for model {name!r}: {exc}") from exc
-    setattr(model, _CONFIG_ATTR, {"name": name, "kwargs": copy.deepcopy(kwargs)})
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _build(name, kwargs, weights, allow_pickle)
+    if name.startswith("hf:") and Path(name[3:]).exists():
+        name = "hf:" + str(Path(name[3:]).resolve())  # rebuildable from any working folder
+    recorded = copy.deepcopy(kwargs)
+    if weights not in (None, False):
+        recorded["weights"] = str(weights)
+    setattr(model, _CONFIG_ATTR, {"name": name, "kwargs": recorded})
     return model
 
 

@@ -46,7 +46,7 @@ def _source_batches(ctx: FinetuneContext, n: int, device) -> list:
     if isinstance(src, str):  # from the CLI: -o source_data=fashion_mnist (its training split)
         from neuralign.data import load_data
 
-        src = load_data(src, seed=ctx.seed).train
+        src = load_data(src).train  # its fixed split (data_seed 0), not the model's seed
     loader = as_loader(src, batch_size=ctx.batch_size, shuffle=True, seed=ctx.seed + 17)
     return take_batches(loader, n, device)
 
