@@ -63,7 +63,7 @@ def test_trained_like_models_and_canonical_form():
     with torch.no_grad():
         assert (res.aligned(X) - b(X)).abs().max() < 1e-5
     assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())  # not mutated
-    can, norms = canonicalize(a, spec, list(spec.groups)[:1])
+    can, _ = canonicalize(a, spec, [next(iter(spec.groups))])
     w = can.state_dict()["0.weight"]
     bias = can.state_dict()["0.bias"]
     assert torch.allclose((w.pow(2).sum(1) + bias.pow(2)).sqrt(), torch.ones(10), atol=1e-6)
@@ -75,4 +75,4 @@ def test_non_homogeneous_units_are_not_scaled():
     groups, why = scalable_groups(a, spec, X)
     assert groups == [] and all("scaling changes" in r for r in why.values())
     with pytest.raises(NeuralignError, match="positive"):
-        apply_scaling(a, {list(spec.groups)[0]: -torch.ones(10)}, spec)
+        apply_scaling(a, {next(iter(spec.groups)): -torch.ones(10)}, spec)

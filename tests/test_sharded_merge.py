@@ -62,7 +62,7 @@ def ckpts(tmp_path_factory):
     ("slerp", {"t": 0.3}, 1),
 ])
 def test_sharded_equals_in_memory(ckpts, tmp_path, method, opts, n):
-    root, base, fts, paths = ckpts
+    _, base, fts, paths = ckpts
     seen = []
     out = merge_checkpoints(paths[1:1 + n], tmp_path / "out", method,
                             base=None if method == "linear" else paths[0],
@@ -116,7 +116,7 @@ def test_interrupted_merge_leaves_nothing(ckpts, tmp_path):
 
 
 def test_bad_inputs_fail_before_work(ckpts, tmp_path):
-    root, base, _, paths = ckpts
+    paths = ckpts[3]
     other = save_sharded(llama_like(5, hidden=8), tmp_path / "small")
     with pytest.raises(ArchitectureMismatchError, match="shape"):
         merge_checkpoints([paths[1], other], tmp_path / "o1")
@@ -165,7 +165,10 @@ _RSS_SCRIPT = textwrap.dedent("""
 
     run(sys.argv[5] + "-warmup")  # first-call costs (kernels, allocator arenas) are not the merge's
     idle, _ = peak_growth(lambda: time.sleep(0.05))  # what the watching thread itself costs
-    streamed, _ = peak_growth(lambda: run(sys.argv[5]))
+    # the smaller of two measurements: a load spike elsewhere cannot fail the test, while a merge
+    # that held whole models would show it in both
+    streamed = min(peak_growth(lambda: run(sys.argv[5] + "-1"))[0],
+                   peak_growth(lambda: run(sys.argv[5] + "-2"))[0])
     loaded, _ = peak_growth(lambda: [{k: c.get(k).clone() for k in c.weight_map} for c in cks])
     print(streamed - idle, loaded - idle)
 """)
@@ -185,7 +188,7 @@ def test_peak_memory_is_a_few_tensors(tmp_path):
     del base
     model_bytes = 32 * 512 * 512 * 4
     r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, *map(str, paths), str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     streamed, loaded = map(int, r.stdout.strip().splitlines()[-1].split())
     assert loaded > 3 * model_bytes, f"the control grew only {loaded / 2**20:.1f} MB"

@@ -201,7 +201,7 @@ def test_dare_matches_mergekit_with_the_same_masks(combine, name):
 @pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
 def test_slerp_matches_mergekit(t):
     registry, TensorGroup = _mergekit()
-    base, xs = _inputs(n=1)
+    base, _ = _inputs(n=1)
     other = torch.randn(base.shape, generator=torch.Generator().manual_seed(9))
     ref = registry.get("slerp")([TensorGroup.from_tensors([base, other], base_index=0)],
                                 parameters={"t": t})[0]

@@ -53,7 +53,7 @@ def _read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: shard listed in the index is missing") from None
-    except Exception as exc:  # noqa: BLE001 - struct, json and OS errors read the same here
+    except Exception as exc:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors header ({exc})") from exc
     header.pop("__metadata__", None)
     return header
@@ -81,7 +81,7 @@ class ShardedCheckpoint:
                 try:
                     data = json.loads(index.read_text())
                     wm = dict(data["weight_map"])
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
                 ck = cls(path=path, weight_map=wm, metadata=dict(data.get("metadata", {})),
                          directory=path, indexed=True)
@@ -173,7 +173,7 @@ class _ShardWriter:
         self.next = 0
 
     def write(self, key: str, t: torch.Tensor) -> None:
-        shape, dtype, nb = self.sizes[key]
+        shape, dtype, _ = self.sizes[key]
         if key != self.order[self.next] or tuple(t.shape) != shape or t.dtype != dtype:
             raise NeuralignError(f"internal: tensor {key!r} written out of order or reshaped")
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
