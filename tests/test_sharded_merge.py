@@ -175,18 +175,18 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 
 def test_peak_memory_is_a_few_tensors(tmp_path):
-    """Four 32 MB checkpoints of 32 tensors of 1 MB: the streamed merge's peak RSS grows by
-    a small fraction of one model, while loading the four models (as an in-memory merge must) grows by
-    about four models (which shows the measurement sees such growth)."""
+    """Four 48 MB checkpoints of 48 tensors of 1 MB: the streamed merge's peak RSS grows by
+    a small fraction of one model, while loading the four models (as an in-memory merge must)
+    grows by about four models (which shows the measurement sees such growth)."""
     g = torch.Generator().manual_seed(0)
-    base = {f"t{i:03d}": torch.randn(512, 512, generator=g) for i in range(32)}
+    base = {f"t{i:03d}": torch.randn(512, 512, generator=g) for i in range(48)}
     paths = [save_sharded(base, tmp_path / "base", max_shard_bytes=8 * 2**20)]
     for s in range(3):
         paths.append(save_sharded({k: v + 0.01 * torch.randn(v.shape, generator=g)
                                    for k, v in base.items()}, tmp_path / f"ft{s}",
                                   max_shard_bytes=8 * 2**20))
     del base
-    model_bytes = 32 * 512 * 512 * 4
+    model_bytes = 48 * 512 * 512 * 4
     r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, *map(str, paths), str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -144,6 +144,24 @@ def test_align_then_merge_recovers_the_reference():
     assert torch.allclose(ties(x), model(x), atol=1e-5)  # zero task vector after alignment
 
 
+@pytest.mark.parametrize("method,opts", [
+    ("linear", {}), ("task-arithmetic", {"scale": 0.5}), ("ties", {"density": 0.3}),
+    ("dare", {"density": 0.6, "rescale": "l1", "combine": "ties"}), ("slerp", {"t": 0.4}),
+])
+def test_chunked_kernel_equals_one_chunk(method, opts):
+    from neuralign.merge.task_vectors import check_task_options, merge_tensor
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(13, 11, generator=g)
+    xs = [base + 0.1 * torch.randn(13, 11, generator=g) for _ in range(1 if method == "slerp"
+                                                                        else 3)]
+    o = check_task_options(method, len(xs), **opts)
+    one = merge_tensor("w", base, xs, chunk=10**6, **o)
+    small = merge_tensor("w", base, xs, chunk=7, **o)
+    assert torch.allclose(one, small, atol=1e-6, rtol=0)
+    assert one.shape == base.shape
+
+
 # ----------------------------------------------------------------------------- mergekit
 def _mergekit():
     try:

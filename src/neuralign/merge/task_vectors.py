@@ -22,6 +22,7 @@ the tensor name and the model's index, so the in-memory and the sharded merge dr
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 
@@ -168,40 +169,70 @@ def dare_mask(shape, density: float, seed: int, key: str, index: int) -> torch.T
     return torch.bernoulli(torch.full(tuple(shape), float(density)), generator=gen)
 
 
-def _drop(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale) -> torch.Tensor:
-    kept = delta * mask.to(delta.dtype)
-    if rescale == "inverse":
-        return kept / density
-    if rescale == "l1":
-        before, after = delta.abs().sum(), kept.abs().sum()
-        if before < 1e-7 or after < 1e-7:
-            return kept
-        return kept * (before / after)
-    return kept
+CHUNK_ELEMENTS = 1 << 20  # elementwise work is done on flat chunks of this many entries
 
 
-def _slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995,
-                  eps: float = 1e-8) -> torch.Tensor:
-    va, vb = a.reshape(-1), b.reshape(-1)
-    na, nb = va.norm(), vb.norm()
-    na = na if na > eps else torch.ones_like(na)
-    nb = nb if nb > eps else torch.ones_like(nb)
-    dot = float(((va / na) * (vb / nb)).sum().clamp(-1, 1))
+def _chunks(n: int, chunk: int):
+    for s in range(0, n, chunk):
+        yield s, min(n, s + chunk)
+
+
+def _topk_mask(b: torch.Tensor, x: torch.Tensor, density: float, work, chunk: int):
+    """TIES' trim as a flat keep-mask: the ``max(1, int(density * n))`` largest ``|x - b|``."""
+    n = b.numel()
+    if density >= 1.0:
+        return None
+    mag = torch.empty(n, dtype=work)
+    for s, e in _chunks(n, chunk):
+        mag[s:e] = (x[s:e].to(work) - b[s:e].to(work)).abs()
+    idx = torch.topk(mag, max(1, int(density * n)), sorted=False).indices
+    del mag
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx] = True
+    return mask
+
+
+def _l1_factor(b, x, mask, work, chunk: int) -> float:
+    """DARE with ``rescale="l1"``: ``|delta|_1 / |kept delta|_1`` (1 when either is ~0)."""
+    before = after = 0.0
+    for s, e in _chunks(b.numel(), chunk):
+        d = (x[s:e].to(work) - b[s:e].to(work)).abs().double()
+        before += float(d.sum())
+        after += float((d * mask[s:e]).sum())
+    return 1.0 if before < 1e-7 or after < 1e-7 else before / after
+
+
+def _slerp_coefs(a, b, t: float, chunk: int, dot_threshold: float = 0.9995, eps: float = 1e-8):
+    """``(c_a, c_b)`` with SLERP = ``c_a a + c_b b`` over the flattened tensors (linear when the
+    normalised vectors are nearly collinear or antipodal)."""
+    aa = bb = ab = 0.0
+    for s, e in _chunks(a.numel(), chunk):
+        x, y = a[s:e].double(), b[s:e].double()
+        aa += float((x * x).sum())
+        bb += float((y * y).sum())
+        ab += float((x * y).sum())
+    na, nb = aa ** 0.5, bb ** 0.5
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = max(-1.0, min(1.0, ab / (na * nb)))
     if abs(dot) > dot_threshold:
-        return (1 - t) * a + t * b
-    theta = torch.acos(torch.tensor(dot, dtype=torch.float64))
-    s = torch.sin(theta)
-    ca, cb = float(torch.sin((1 - t) * theta) / s), float(torch.sin(t * theta) / s)
-    return ca * a + cb * b
+        return 1.0 - t, t
+    theta = math.acos(dot)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
 def merge_tensor(key: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], *, method: str,
                  weights: Sequence[float], density: float = 1.0, scale: float = 1.0,
                  t: float = 0.5, elect: str = "sum", combine: str = "linear",
                  rescale: str | None = "inverse", seed: int = 0,
-                 masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                 masks: Sequence[torch.Tensor] | None = None,
+                 chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Merge one tensor of ``base`` with the same tensor of every model (options as returned by
-    :func:`check_task_options`; ``masks`` overrides DARE's random keep-masks)."""
+    :func:`check_task_options`; ``masks`` overrides DARE's random keep-masks).
+
+    The arithmetic runs on flat chunks of ``chunk`` entries in float32 (float64 stays float64),
+    so besides the inputs and the output it holds a few chunks, plus for TIES one float32 copy of
+    the tensor while its top-k is found and one boolean mask per model (DARE: the masks).
+    """
     if not base.is_floating_point():
         return base.clone()
     for x in tensors:
@@ -209,29 +240,51 @@ def merge_tensor(key: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], 
             raise NeuralignError(f"tensor {key!r} has shape {tuple(x.shape)} in one model and "
                                  f"{tuple(base.shape)} in the base; {_HINT}")
     work = torch.float64 if base.dtype == torch.float64 else torch.float32
-    b = base.to(work)
-    xs = [x.to(work) for x in tensors]
-    if method == "linear":
-        tot = sum(weights)
-        out = sum((w / tot) * x for w, x in zip(weights, xs))
-    elif method == "slerp":
-        out = _slerp_tensor(b, xs[0], t)
-    else:
-        deltas = [x - b for x in xs]
-        if method == "ties":
-            deltas = [trim(d, density) for d in deltas]
-        elif method == "dare":
-            if masks is None:
-                masks = [dare_mask(b.shape, density, seed, key, i) for i in range(len(xs))]
-            deltas = [_drop(d, m, density, rescale) for d, m in zip(deltas, masks)]
-        w = torch.tensor(weights, dtype=work).reshape(-1, *([1] * b.dim()))
-        stack = torch.stack(deltas)
-        if method == "ties" or (method == "dare" and combine == "ties"):
-            mixed = _elect_and_mean(stack, w, elect)
+    b = base.reshape(-1)
+    xs = [x.reshape(-1) for x in tensors]
+    n = b.numel()
+    keep, factors = [None] * len(xs), [1.0] * len(xs)
+    if method == "ties":
+        keep = [_topk_mask(b, x, density, work, chunk) for x in xs]
+    elif method == "dare":
+        if masks is None:
+            masks = [dare_mask(base.shape, density, seed, key, i) for i in range(len(xs))]
+        keep = [torch.as_tensor(m).reshape(-1) != 0 for m in masks]
+        if rescale == "inverse":
+            factors = [1.0 / density] * len(xs)
+        elif rescale == "l1":
+            factors = [_l1_factor(b, x, m, work, chunk) for x, m in zip(xs, keep)]
+    if method == "slerp":
+        ca, cb = _slerp_coefs(b, xs[0], t, chunk)
+    w = torch.tensor(weights, dtype=work).reshape(-1, 1)
+    tot = float(sum(weights))
+    out = torch.empty(n, dtype=base.dtype)
+    for s, e in _chunks(n, chunk):
+        bc = b[s:e].to(work)
+        xc = [x[s:e].to(work) for x in xs]
+        if method == "linear":
+            oc = sum((wi / tot) * x for wi, x in zip(weights, xc))
+        elif method == "slerp":
+            oc = ca * bc + cb * xc[0]
         else:
-            mixed = (stack * w).sum(0)
-        out = b + scale * mixed
-    return out.to(base.dtype)
+            deltas = []
+            for x, m, f in zip(xc, keep, factors):
+                d = x - bc
+                if m is not None:
+                    d = d * m[s:e]
+                if method == "dare" and rescale == "inverse":
+                    d = d / density
+                elif f != 1.0:
+                    d = d * f
+                deltas.append(d)
+            stack = torch.stack(deltas)
+            if method == "ties" or (method == "dare" and combine == "ties"):
+                mixed = _elect_and_mean(stack, w, elect)
+            else:
+                mixed = (stack * w).sum(0)
+            oc = bc + scale * mixed
+        out[s:e] = oc.to(base.dtype)
+    return out.reshape(base.shape)
 
 
 # ----------------------------------------------------------------------------- state dicts
