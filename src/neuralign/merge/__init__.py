@@ -29,6 +29,7 @@ __all__ = [
 
 # issue 16: the task-vector family and out-of-core merging of sharded checkpoints
 from neuralign.merge.sharded import ShardedCheckpoint, merge_checkpoints, save_sharded
+from neuralign.merge.sharded_match import permute_checkpoint, sharded_weight_matching
 from neuralign.merge.task_vectors import (
     TASK_METHODS,
     add_task_vectors,
@@ -46,5 +47,5 @@ from neuralign.merge.task_vectors import (
 
 __all__ += ["TASK_METHODS", "ShardedCheckpoint", "add_task_vectors", "align_then_merge",
             "apply_task_vector", "dare_merge", "merge_checkpoints", "negate_task_vector",
-            "save_sharded", "scale_task_vector", "slerp", "task_arithmetic", "task_merge",
+            "permute_checkpoint", "save_sharded", "sharded_weight_matching", "scale_task_vector", "slerp", "task_arithmetic", "task_merge",
             "task_vector", "ties_merge"]
