@@ -47,5 +47,5 @@ from neuralign.merge.task_vectors import (
 
 __all__ += ["TASK_METHODS", "ShardedCheckpoint", "add_task_vectors", "align_then_merge",
             "apply_task_vector", "dare_merge", "merge_checkpoints", "negate_task_vector",
-            "permute_checkpoint", "save_sharded", "sharded_weight_matching", "scale_task_vector", "slerp", "task_arithmetic", "task_merge",
-            "task_vector", "ties_merge"]
+            "permute_checkpoint", "save_sharded", "scale_task_vector", "sharded_weight_matching",
+            "slerp", "task_arithmetic", "task_merge", "task_vector", "ties_merge"]
