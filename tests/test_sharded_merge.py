@@ -133,7 +133,12 @@ def test_bad_inputs_fail_before_work(ckpts, tmp_path):
         merge_checkpoints([bad, paths[1]], tmp_path / "o4")
     with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
         merge_checkpoints([tmp_path / "nothing", paths[1]], tmp_path / "o5")
-    assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
+    nan = llama_like(0)
+    nan["lm_head.weight"][0, 0] = float("nan")
+    pn = save_sharded(nan, tmp_path / "nan", max_shard_bytes=3000)
+    with pytest.raises(CheckpointError, match="NaN"):
+        merge_checkpoints([pn, paths[1]], tmp_path / "o6")
+    assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())
 
 
 _RSS_SCRIPT = textwrap.dedent("""

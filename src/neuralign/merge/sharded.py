@@ -283,7 +283,8 @@ def merge_checkpoints(models: Sequence, out, method: str = "linear", *, base=Non
     model at t=1); ``options`` as :func:`neuralign.merge.task_vectors.task_merge`. The result
     equals the in-memory merge tensor by tensor. ``progress``: ``True`` for a progress bar, or
     a callable ``(done, total, key)``. ``dtype`` casts float outputs (default: the template's).
-    Returns the output directory (or file, for a single-file template).
+    A NaN or infinite input tensor stops the merge with a ``CheckpointError`` naming it (and, as
+    for any failure, nothing is left at ``out``). Returns the output directory.
     """
     method = method.replace("_", "-")
     if method != "linear" and base is None:
@@ -299,12 +300,18 @@ def merge_checkpoints(models: Sequence, out, method: str = "linear", *, base=Non
     dtypes = {k: dtype for k, d in template.dtypes.items()
               if dtype is not None and _DTYPES[d].is_floating_point}
 
+    def finite(t: torch.Tensor, ck: ShardedCheckpoint, key: str) -> torch.Tensor:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{ck.path} has NaN or infinite values in {key!r}; it cannot "
+                                  "be merged")
+        return t
+
     def merged(key: str) -> torch.Tensor:
-        xs = [ck.get(key) for ck in cks]
+        xs = [finite(ck.get(key), ck, key) for ck in cks]
         if method == "linear":
             res = merge_tensor(key, xs[0], xs, **opts)
         else:
-            res = merge_tensor(key, template.get(key), xs, **opts)
+            res = merge_tensor(key, finite(template.get(key), template, key), xs, **opts)
         return res.to(dtypes[key]) if key in dtypes else res
 
     meta = {"merged_by": "neuralign", "merge_method": method}
