@@ -72,7 +72,9 @@ def test_trained_like_models_and_canonical_form():
 def test_non_homogeneous_units_are_not_scaled():
     a = relu_mlp(act=nn.Tanh)
     spec = spec_from_model(a, X[:2])
+    a.train()
     groups, why = scalable_groups(a, spec, X)
+    assert a.training  # the mode is restored
     assert groups == [] and all("scaling changes" in r for r in why.values())
     with pytest.raises(NeuralignError, match="positive"):
         apply_scaling(a, {next(iter(spec.groups)): -torch.ones(10)}, spec)

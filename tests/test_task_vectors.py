@@ -84,6 +84,8 @@ def test_dare_fixed_mask_exact_rescale_and_expectation():
     # disjoint mean: e0 4/1, e1 2/1, e2 12/1 (the -2 disagrees), e3 2/1
     out_t = dare_merge(base, [a, b], density=0.5, combine="ties", masks=masks)
     assert out_t["w"].tolist() == [4.0, 2.0, 12.0, 2.0]
+    with pytest.raises(NeuralignError, match="masks"):
+        dare_merge(base, [a, b], density=0.5, masks={"w": [torch.ones(3), torch.ones(3)]})
     # expectation of drop-and-rescale is the task vector itself
     big = {"w": torch.linspace(-1, 1, 4000)}
     z = {"w": torch.zeros(4000)}

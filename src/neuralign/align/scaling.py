@@ -89,8 +89,12 @@ def scalable_groups(model: nn.Module, spec: PermutationSpec, example_input, *, s
     """Groups whose units may be rescaled (see the module docstring), and why the others not."""
     sd = as_state_dict(model)
     ok, why = [], {}
-    with torch.no_grad():
-        ref = model.eval()(example_input)
+    was = model.training
+    try:
+        with torch.no_grad():
+            ref = model.eval()(example_input)
+    finally:
+        model.train(was)
     gen = torch.Generator().manual_seed(seed)
     for name, g in spec.groups.items():
         kinds = [_is_incoming(sd[pl.key], pl, pl.key) for pl in g.places]

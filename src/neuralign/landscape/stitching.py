@@ -147,14 +147,18 @@ class Stitched(nn.Module):
 
 def _features(model, layer, loader, n_examples):
     hs, seen = [], 0
-    with torch.no_grad():
-        for batch in loader:
-            x, _ = split_batch(batch)
-            h = _prefix(model.eval(), layer, x[: n_examples - seen])
-            hs.append(_channel_last(h).reshape(-1, _channel_last(h).shape[-1]))
-            seen += min(len(x), n_examples - seen)
-            if seen >= n_examples:
-                break
+    was = model.training
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x, _ = split_batch(batch)
+                h = _prefix(model.eval(), layer, x[: n_examples - seen])
+                hs.append(_channel_last(h).reshape(-1, _channel_last(h).shape[-1]))
+                seen += min(len(x), n_examples - seen)
+                if seen >= n_examples:
+                    break
+    finally:
+        model.train(was)
     if not hs:
         raise DataError("the data loader yielded no batches; pass a non-empty loader")
     return torch.cat(hs).double()

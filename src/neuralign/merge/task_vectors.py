@@ -249,6 +249,9 @@ def merge_tensor(key: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], 
     elif method == "dare":
         if masks is None:
             masks = [dare_mask(base.shape, density, seed, key, i) for i in range(len(xs))]
+        if len(masks) != len(xs) or any(torch.as_tensor(m).numel() != n for m in masks):
+            raise NeuralignError(f"DARE masks for {key!r}: pass one mask of shape "
+                                 f"{tuple(base.shape)} per model")
         keep = [torch.as_tensor(m).reshape(-1) != 0 for m in masks]
         if rescale == "inverse":
             factors = [1.0 / density] * len(xs)
