@@ -183,6 +183,7 @@ def test_peak_memory_is_a_few_tensors(tmp_path):
     """Four 48 MB checkpoints of 48 tensors of 1 MB: the streamed merge's peak RSS grows by
     a small fraction of one model, while loading the four models (as an in-memory merge must)
     grows by about four models (which shows the measurement sees such growth)."""
+    pytest.importorskip("psutil", reason="the RSS measurement needs psutil (the dev extra)")
     g = torch.Generator().manual_seed(0)
     base = {f"t{i:03d}": torch.randn(512, 512, generator=g) for i in range(48)}
     paths = [save_sharded(base, tmp_path / "base", max_shard_bytes=8 * 2**20)]
