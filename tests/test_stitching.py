@@ -72,3 +72,18 @@ def test_bad_input(models):
         stitch(a, b, "nope", loader)
     with pytest.raises(NeuralignError, match="exceeds"):
         stitch(a, b, "layer1", loader, kind="rank-99")
+
+
+@pytest.mark.parametrize("kind", ["affine", "rank-2", "perm-scale"])
+def test_conv_feature_maps_stitch_on_channels(kind):
+    from neuralign.models.reference import SmallCNN
+
+    torch.manual_seed(0)
+    a = SmallCNN(in_channels=1, num_classes=3, width=4).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 8, 8, generator=g)
+    loader = [(x, torch.randint(0, 3, (32,), generator=g))]
+    r = stitch(a, a, "block1", loader, kind=kind, epochs=1, lr=1e-4)
+    if kind != "rank-2":
+        assert abs(r.penalty) <= 1 / 32 + 1e-9  # starts at the identity map of the channels
+    assert r.model(x).shape == (32, 3)
