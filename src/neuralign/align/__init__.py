@@ -27,3 +27,16 @@ __all__ = [
            "weight_matching",
            "weight_objective",
 ]
+
+# issue 16: simulated annealing (Entezari et al.) and matching modulo permutation x scaling
+from neuralign.align.annealing import annealing_matching
+from neuralign.align.scaling import (
+    ScaledAlignment,
+    apply_scaling,
+    canonicalize,
+    scalable_groups,
+    scaling_matching,
+)
+
+__all__ += ["ScaledAlignment", "annealing_matching", "apply_scaling", "canonicalize",
+            "scalable_groups", "scaling_matching"]

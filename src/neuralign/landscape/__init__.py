@@ -33,3 +33,21 @@ __all__ = [
            "per_block_l2",
            "plane_surface",
 ]
+
+# issue 16: model stitching, layer-wise connectivity (Eq. 24) and G-CKA
+from neuralign.landscape.layerwise import (
+    LayerwiseResult,
+    group_cka,
+    layer_group_cka,
+    partial_merge,
+    partial_merge_barriers,
+)
+from neuralign.landscape.stitching import (
+    StitchResult,
+    plot_stitching,
+    stitch,
+    stitching_penalties,
+)
+
+__all__ += ["LayerwiseResult", "StitchResult", "group_cka", "layer_group_cka", "partial_merge",
+            "partial_merge_barriers", "plot_stitching", "stitch", "stitching_penalties"]

@@ -26,3 +26,26 @@ __all__ = [
            "reset_bn",
            "uniform_soup",
 ]
+
+# issue 16: the task-vector family and out-of-core merging of sharded checkpoints
+from neuralign.merge.sharded import ShardedCheckpoint, merge_checkpoints, save_sharded
+from neuralign.merge.sharded_match import permute_checkpoint, sharded_weight_matching
+from neuralign.merge.task_vectors import (
+    TASK_METHODS,
+    add_task_vectors,
+    align_then_merge,
+    apply_task_vector,
+    dare_merge,
+    negate_task_vector,
+    scale_task_vector,
+    slerp,
+    task_arithmetic,
+    task_merge,
+    task_vector,
+    ties_merge,
+)
+
+__all__ += ["TASK_METHODS", "ShardedCheckpoint", "add_task_vectors", "align_then_merge",
+            "apply_task_vector", "dare_merge", "merge_checkpoints", "negate_task_vector",
+            "permute_checkpoint", "save_sharded", "scale_task_vector", "sharded_weight_matching",
+            "slerp", "task_arithmetic", "task_merge", "task_vector", "ties_merge"]
