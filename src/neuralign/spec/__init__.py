@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+from collections import OrderedDict
+
 from torch import nn
 
 from neuralign.errors import SpecError
@@ -75,7 +79,40 @@ def spec_from_model(model: nn.Module, example_input=None, *, check: bool = True)
     if example_input is None:
         raise SpecError("spec_from_model needs an example_input (a small batch of inputs) to "
                         "trace the model")
+    key = _fingerprint(model, example_input) if check else None
+    if key is not None and key in _CACHE:  # same architecture and input: verify, reuse
+        spec = copy.deepcopy(_CACHE[key])
+        try:
+            spec.trace_info["check_rel_diff"] = check_spec(model, spec, example_input)
+            return spec
+        except SpecError:
+            del _CACHE[key]
     spec = trace_spec(model, example_input)
     if check:
         spec.trace_info["check_rel_diff"] = check_spec(model, spec, example_input)
+        _CACHE[key] = copy.deepcopy(spec)
+        while len(_CACHE) > 32:
+            _CACHE.popitem(last=False)
     return spec
+
+
+_CACHE: OrderedDict = OrderedDict()
+
+
+def _signature(x):
+    if hasattr(x, "shape"):
+        return ("t", tuple(x.shape), str(x.dtype))
+    if isinstance(x, dict):
+        return tuple((k, _signature(v)) for k, v in sorted(x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_signature(v) for v in x)
+    return repr(x)
+
+
+def _fingerprint(model: nn.Module, example_input) -> tuple:
+    """Architecture (class, module tree, tensor shapes) and input signature. A cached spec is
+    only reused after it passes :func:`check_spec` on the new model."""
+    sd = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
+    tree = hashlib.sha1(repr(model).encode()).hexdigest()
+    return (type(model).__module__, type(model).__qualname__, tree, sd,
+            _signature(example_input))

@@ -51,14 +51,20 @@ def _movedim(t, node):
     return tuple(lay[o if o is not None else next(rest)] for o in order)
 
 
+def wild(t, n: int):
+    """An axis along which the tensor is constant (broadcast, tiled, filled): any permutation
+    leaves it unchanged, so it may carry any group (a fresh free group without places)."""
+    return const(n) if n < 2 else (((t.g.new(n, "broadcast"), n),),)
+
+
 @rule("expand", "expand_as", "broadcast_to", "expand_copy")
 def _expand(t, node):
     lay, shape = t.lay(node.args[0]), t.shape(node.args[0])
     out = t.shape(node)
     extra = len(out) - len(shape)
-    res = [const(int(n)) for n in out[:extra]]
+    res = [wild(t, int(n)) for n in out[:extra]]
     for k, n in enumerate(shape):
-        res.append(lay[k] if int(n) == int(out[extra + k]) else const(int(out[extra + k])))
+        res.append(lay[k] if int(n) == int(out[extra + k]) else wild(t, int(out[extra + k])))
     return tuple(res)
 
 
@@ -67,11 +73,11 @@ def _repeat(t, node):
     lay, shape = t.lay(node.args[0]), t.shape(node.args[0])
     out = t.shape(node)
     extra = len(out) - len(shape)
-    res = [const(int(n)) for n in out[:extra]]
+    res = [wild(t, int(n)) for n in out[:extra]]
     for k, n in enumerate(shape):
         m = int(out[extra + k])
         res.append(lay[k] if m == int(n) else reshape(
-            t.g, (const(m // int(n)), lay[k]), (m // int(n), int(n)), (m,), "repeat")[0])
+            t.g, (wild(t, m // int(n)), lay[k]), (m // int(n), int(n)), (m,), "repeat")[0])
     return tuple(res)
 
 
@@ -214,10 +220,15 @@ def _pad(t, node):
     return tuple(lay)
 
 
-@rule("_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "scalar_tensor", "arange", "zeros", "ones",
-      "full", "empty", "tensor", "rand", "randn", "linspace", "_local_scalar_dense", "item",
-      "sym_constrain_range_for_size", "_assert_async", "ones_like_never", "new_zeros",
-      "new_ones", "new_full", "new_empty", "tril", "triu", "eye")
+@rule("zeros", "ones", "full", "new_zeros", "new_ones", "new_full")
+def _filled(t, node):
+    shape = t.shape(node)
+    return tuple(wild(t, int(n)) for n in shape) if shape is not None else None
+
+
+@rule("_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "scalar_tensor",
+      "arange", "empty", "tensor", "rand", "randn", "linspace", "_local_scalar_dense", "item",
+      "sym_constrain_range_for_size", "_assert_async", "new_empty", "tril", "triu", "eye")
 def _creation(t, node):
     if t.opname(node) in ("tril", "triu") and t.lay(node.args[0]) is not None:
         lay = t.lay(node.args[0])
