@@ -174,3 +174,17 @@ def test_apply_permutation_keeps_state_dict_metadata():
     with torch.no_grad():
         assert (fresh.eval()(x) - model(x)).abs().max() < 1e-4
         assert (permuted(x) - model(x)).abs().max() < 1e-4
+
+
+def test_bert_spec_by_hand_keeps_unknown_heads_exact():
+    from neuralign.spec import bert_spec
+
+    for name, cfg in [("BertForTokenClassification", _bert_cfg(num_labels=3)),
+                      ("RobertaForSequenceClassification",
+                       _bert_cfg(transformers.RobertaConfig, num_labels=3))]:
+        model = getattr(transformers, name)(cfg).eval()
+        ids = {"input_ids": torch.randint(3, 60, (2, 7))}
+        spec = bert_spec(model)
+        perm = random_permutation(spec, 0)
+        a, b = _out(model, ids), _out(apply_permutation(model, perm, spec), ids)
+        assert (a - b).abs().max().item() < 1e-4

@@ -149,8 +149,20 @@ class Tracer:
     def outputs(self, node) -> None:
         from torch.export.graph_signature import OutputKind
 
-        user = {s.arg.name for s in self.ep.graph_signature.output_specs
+        specs = self.ep.graph_signature.output_specs
+        user = {s.arg.name for s in specs
                 if s.kind == OutputKind.USER_OUTPUT and hasattr(s.arg, "name")}
+        inputs = {s.target: s.arg.name for s in self.ep.graph_signature.input_specs
+                  if s.target is not None}
+        for s in specs:  # a buffer updated in forward: its new value keeps its layout
+            if s.kind != OutputKind.USER_OUTPUT and hasattr(s.arg, "name"):
+                new, old = self.layouts.get(s.arg.name), self.layouts.get(inputs.get(s.target))
+                if isinstance(new, tuple) and isinstance(old, tuple) and len(new) == len(old):
+                    for a, b in zip(new, old):
+                        self.g.unify(a, b, "buffer updated in forward")
+                else:
+                    self.fix_value(new, "buffer updated in forward")
+                    self.fix_value(old, "buffer updated in forward")
         for a in _flat(node.args):
             if isinstance(a, fx.Node) and a.name in user:
                 lay = self.lay(a)
