@@ -34,11 +34,15 @@ def _run(model, x):
 
 
 def randomise_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A copy whose batch-norm statistics and norm affine parameters are random (so a check
-    sees them; fresh models have mean 0, variance 1, weight 1, bias 0)."""
+    """A copy whose batch-norm statistics and norm affine parameters are random, and whose
+    all-zero parameters (zero-initialised heads, biases, LayerScale) are small random values, so
+    a check sees them (fresh models have mean 0, variance 1, weight 1, bias 0, zero heads)."""
     model = copy.deepcopy(model).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)

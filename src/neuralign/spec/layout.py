@@ -31,6 +31,8 @@ class Groups:
         self.reason: list[str | None] = []
         self.hidden: list[bool] = []  # False: fixed because it is not a hidden unit (I/O, kernel)
         self.decomp: dict[int, tuple[str, list[int]]] = {}
+        self.owner: dict[int, int] = {}  # child -> the group it was decomposed from
+        self.piece_subs: dict[int, list[dict[int, int]]] = {}
         self.name: list[str] = []
 
     # basic union-find --------------------------------------------------------------------
@@ -82,7 +84,47 @@ class Groups:
         kids = [self.new(s, self.name[r], self.fixed[r], self.reason[r], self.hidden[r])
                 for s in sizes]
         self.decomp[r] = (kind, kids)
+        for k in kids:
+            self.owner[k] = r
         return kids
+
+    def pieces(self, a: int) -> list[dict[int, int]] | None:
+        """Selecting index i of the outer factor ``a`` of a fresh product (the q | k | v axis of
+        a packed projection, viewed as (3, heads, dims)): re-decompose the product as a sum of
+        per-piece products, so each piece gets its own groups. Returns, per index, the map
+        from the old inner factors to the piece's; None when ``a`` is not such a factor."""
+        a = self.find(a)
+        if a in self.piece_subs:
+            return self.piece_subs[a]
+        r = self.owner.get(a)
+        if r is None or self.find(r) != r or self.fixed[r] or self.decomp[r][0] != "prod":
+            return None
+        kids = self.decomp[r][1]
+        if kids[0] != a or len(kids) < 2:
+            return None
+        for x in kids:
+            if self.find(x) != x or x in self.decomp or self.fixed[x]:
+                return None
+        if any(self.parent[y] in kids and y not in kids for y in range(len(self.parent))):
+            return None  # something was unified with a factor: keep the product
+        rest = kids[1:]
+        subs, parts = [], []
+        for _ in range(self.size[a]):
+            p = self.new(self.size[r] // self.size[a], self.name[r])
+            new = self.decompose(p, "prod", [self.size[x] for x in rest]) if len(rest) > 1 \
+                else [p]
+            subs.append(dict(zip(rest, new)))
+            parts.append(p)
+            self.owner[p] = r
+        self.decomp[r] = ("sum", parts)
+        for x in kids:  # stale: any later use of them is fixed, never silently free
+            self.fix(x, "replaced by per-piece groups", hidden=False)
+        self.piece_subs[a] = subs
+        return subs
+
+    def substitute(self, dim: Dim, sub: dict[int, int]) -> Dim:
+        return tuple(tuple((sub.get(self.find(g), g) if g is not None else None, n)
+                           for g, n in seg) for seg in dim)
 
     def leaves(self, g: int) -> list[int]:
         r = self.find(g)

@@ -142,9 +142,20 @@ def _unbind(t, node):
     lay = t.lay(node.args[0])
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     dim %= len(lay)
-    t.g.fix_dim(lay[dim], "unbind selects units one by one")
     rest = tuple(lay[:dim]) + tuple(lay[dim + 1:])
+    subs = _piece_subs(t, lay[dim])
+    if subs is not None:
+        return [tuple(t.g.substitute(d, sub) for d in rest) for sub in subs]
+    t.g.fix_dim(lay[dim], "unbind selects units one by one")
     return [rest for _ in t.shape(node)]
+
+
+def _piece_subs(t, d):
+    """Per-index group maps when the axis is the outer factor of a packed projection."""
+    segs = t.g.norm(d)
+    if len(segs) == 1 and len(segs[0]) == 1 and segs[0][0][0] is not None:
+        return t.g.pieces(segs[0][0][0])
+    return None
 
 
 @rule("slice", "narrow", "slice_copy")
@@ -176,8 +187,12 @@ def _slice(t, node):
 def _select(t, node):
     lay = t.lay(node.args[0])
     dim = node.args[1] % len(lay)
+    rest = tuple(lay[:dim]) + tuple(lay[dim + 1:])
+    subs = _piece_subs(t, lay[dim])
+    if subs is not None:
+        return tuple(t.g.substitute(d, subs[node.args[2] % len(subs)]) for d in rest)
     t.g.fix_dim(lay[dim], "select picks one unit of an axis")
-    return tuple(lay[:dim]) + tuple(lay[dim + 1:])
+    return rest
 
 
 @rule("index", "_unsafe_index")
