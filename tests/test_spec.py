@@ -177,8 +177,8 @@ def test_minilm_encoder_preserved():
                    for p in g.places)
     heads = spec.groups["encoder.layer.0.attention.self.query.heads"]
     assert heads.size == 12 and heads.kind == "heads"
-    assert spec.groups["encoder.layer.0.attention.self.query"].size == 32  # q.k dims in a head
-    assert spec.groups["encoder.layer.0.attention.self.value"].size == 32  # v.o dims in a head
+    assert spec.groups["encoder.layer.0.attention.self.query.head_dims"].size == 32  # q.k dims
+    assert spec.groups["encoder.layer.0.attention.self.value.head_dims"].size == 32  # v.o dims
     ids = torch.randint(0, 30000, (2, 12))
     perm = random_permutation(spec, 3)
     permuted = apply_permutation(model, perm, spec)

@@ -87,6 +87,8 @@ def _probes(tr, ep, free) -> dict[int, list[Probe]]:
             if len(segs) != 1:
                 continue
             sizes = [n for _, n in segs[0]]
+            if sum(gid is not None and tr.g.find(gid) in free for gid, _ in segs[0]) != 1:
+                continue  # heads x dims: the other factor would mix samples across models
             for i, (gid, n) in enumerate(segs[0]):
                 if gid is None or tr.g.find(gid) not in free:
                     continue
@@ -128,9 +130,11 @@ def build_spec(tr, sd, ep) -> PermutationSpec:
         pls.sort(key=lambda p: (p.axis != 0 or p.key.endswith(("running_mean", "running_var")),
                                 order.get(p.key, 0)))
         base = pls[0].key.rsplit(".", 1)[0] if "." in pls[0].key else pls[0].key
-        name = base + (f".{kinds[r]}" if r in kinds else "")
+        suffix = ".heads" if r in kinds else ".head_dims" if all(p.outer > 1 for p in pls) \
+            else ""
+        name, k = base + suffix, 2
         while name in groups:
-            name += "_"
+            name, k = f"{base}{suffix}#{k}", k + 1
         groups[name] = Group(name, g.size[r], pls, probes.get(r, []), kinds.get(r, "units"))
     spec = PermutationSpec(groups, source="export")
     spec.trace_info = {"unknown_ops": dict(tr.unknown_ops)}

@@ -30,7 +30,7 @@ SIZES = {"inception_v3": 80, "maxvit_t": 224, "levit_128s": 224, "crossvit_tiny_
          "fastvit_t8": 64, "mambaout_femto": 64, "cait_xxs24_224": 32, "sequencer2d_s": 64,
          "dm_nfnet_f0": 64}
 IMG_SIZE_KW = ("vit_", "deit_", "swin_", "mixer_", "resmlp_", "xcit_", "pit_", "cait_",
-               "eva02_", "beit_", "coat_lite", "poolformer")
+               "eva02_", "beit_", "coat_lite")
 
 
 @dataclass
