@@ -13,10 +13,9 @@ timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
 SLICE = {
-    "torchvision": ["resnet18", "shufflenet_v2_x0_5", "mobilenet_v3_small", "squeezenet1_1"],
+    "torchvision": ["shufflenet_v2_x0_5", "squeezenet1_1", "googlenet"],
     "timm": ["vit_tiny_patch16_224", "mixer_s16_224", "convnext_atto"],
-    "hf": ["BertForMaskedLM", "GPT2LMHeadModel", "MistralForCausalLM",
-           "T5ForConditionalGeneration"],
+    "hf": ["GPT2LMHeadModel", "MistralForCausalLM", "T5ForConditionalGeneration"],
 }
 
 
