@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from neuralign.spec import zoo  # noqa: E402
+from neuralign.spec import zoo
 
 CACHE = Path(os.environ.get("NEURALIGN_CACHE", Path.home() / ".cache" / "neuralign")) / \
     "spec_coverage"
@@ -107,25 +107,25 @@ def write(rows, out_dir: Path) -> None:
     (out_dir / "spec_coverage.json").write_text(json.dumps(
         {"summary": summary, "goal_met": bool(goal), "rows": rows}, indent=1))
     lines = ["# Spec coverage over the model zoo", "",
-             "Written by `python benchmarks/spec_coverage.py` (random weights, small inputs, "
+             ("Written by `python benchmarks/spec_coverage.py` (random weights, small inputs, "
              "batch 2, eval mode, batch-norm statistics and norm parameters randomised). "
              "Per model: the spec is derived with `spec_from_model`, a random permutation of "
              "every group is applied, and every output is compared. **exact**: the largest "
              "difference is below 1e-4 of the output scale; **refused**: a one-line "
              "`SpecError`; **WRONG**: a silent wrong answer. *free* is the fraction of hidden "
              "units (outputs of every linear, convolution and embedding layer) free to move "
-             "(`spec.coverage().free_fraction`).", "",
-             "| source | models | exact, all free | exact, partly fixed | refused | WRONG | "
-             "errors | median free |", "|---|---|---|---|---|---|---|---|"]
+             "(`spec.coverage().free_fraction`)."), "",
+             ("| source | models | exact, all free | exact, partly fixed | refused | WRONG | "
+             "errors | median free |"), "|---|---|---|---|---|---|---|---|"]
     for src, s in summary.items():
         med = "-" if s["median_free_fraction"] is None else f"{s['median_free_fraction']:.1%}"
         lines.append(f"| {src} | {s['models']} | {s['exact_all_free']} | "
                      f"{s['exact_partly_fixed']} | {s['refused']} | {s['wrong']} | "
                      f"{s['errors']} | {med} |")
-    lines += ["", "Goal (every torchvision classification model exact, median free fraction "
-              f"at least 90%, nothing wrong): **{'met' if goal else 'not met'}**.", "",
-              "| model | source | verdict | groups | free | hidden units | trace s | rel. diff "
-              "| fixed (units) / reason |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", ("Goal (every torchvision classification model exact, median free fraction "
+              f"at least 90%, nothing wrong): **{'met' if goal else 'not met'}**."), "",
+              ("| model | source | verdict | groups | free | hidden units | trace s | rel. diff "
+              "| fixed (units) / reason |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["verdict"] in ("exact", "WRONG"):
             why = "; ".join(f"{k} ({v})" for k, v in r.get("fixed_reasons", {}).items())

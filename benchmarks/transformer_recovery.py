@@ -22,9 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from neuralign.align.weight import weight_matching  # noqa: E402
-from neuralign.permute import apply_permutation, random_permutation  # noqa: E402
-from neuralign.spec import Permutation, spec_from_model, vit_spec  # noqa: E402
+from neuralign.align.weight import weight_matching
+from neuralign.permute import apply_permutation, random_permutation
+from neuralign.spec import Permutation, spec_from_model, vit_spec
 
 
 def vit():
@@ -88,14 +88,14 @@ def main(argv=None) -> None:
     out = Path(args.out)
     (out / "transformer_recovery.json").write_text(json.dumps(rows, indent=1))
     lines = ["# Weight matching on transformer specs: planted-permutation recovery", "",
-             "Written by `python benchmarks/transformer_recovery.py` "
+             ("Written by `python benchmarks/transformer_recovery.py` "
              f"({args.seeds} seeds; random-init 4-layer models, hidden 32, 4 heads). "
              "*before*: coordinate descent from the identity; *after*: the default start "
              "(in stages: plain groups on their clean tensors, then all plain groups, then "
              "everything, heads first). A seed counts as recovered when every group equals "
-             "the inverse of the planted permutation.", "",
-             "| model and spec | groups | start | seeds fully recovered | groups recovered "
-             "(mean) | time per run (s) |", "|---|---|---|---|---|---|"]
+             "the inverse of the planted permutation."), "",
+             ("| model and spec | groups | start | seeds fully recovered | groups recovered "
+             "(mean) | time per run (s) |"), "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['groups']} | {r['start']} | {r['recovered']}/"
                      f"{r['seeds']} | {r['groups_recovered']:.1%} | {r['time_s']:.2f} |")

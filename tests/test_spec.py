@@ -77,7 +77,7 @@ def test_flatten_after_conv_repeats_channels():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 5))
     spec = assert_preserved(model, x28)
     (g,) = spec.groups.values()
-    lin = [p for p in g.places if p.key == "3.weight"][0]
+    lin = next(p for p in g.places if p.key == "3.weight")
     assert (lin.axis, lin.inner) == (1, 26 * 26)
 
 

@@ -36,8 +36,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def _bert_cfg(cls=transformers.BertConfig, **kw):
-    base = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=32, max_position_embeddings=40)
+    base = {"vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 32, "max_position_embeddings": 40}
     base.update(kw)
     return cls(**base)
 

@@ -25,6 +25,8 @@ __all__ = [
     "bert_spec",
     "check_spec",
     "default_example_input",
+    "is_bert_like",
+    "is_torchvision_vit",
     "spec_from_model",
     "vit_spec",
 ]

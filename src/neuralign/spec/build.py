@@ -43,7 +43,7 @@ def _kinds(g) -> dict[int, str]:
     """Leaves that are the outer factor of a product with free inner units: whole blocks
     (attention heads, groups of a grouped convolution)."""
     kinds = {}
-    for _, (kind, kids) in g.decomp.items():
+    for (kind, kids) in g.decomp.values():
         if kind != "prod":
             continue
         for i, k in enumerate(kids[:-1]):
@@ -188,4 +188,4 @@ def _coverage(tr, groups, places) -> Coverage:
                     rows[x] = (g.size[x], g.reason[x] if g.fixed[x] else None)
     out = [{"name": name_of.get(x, g.name[x]), "size": s, "free": why is None,
             "reason": why} for x, (s, why) in rows.items()]
-    return Coverage(out, free / total if total else 0.0, int(round(free)), int(total))
+    return Coverage(out, free / total if total else 0.0, round(free), int(total))

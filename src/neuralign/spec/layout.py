@@ -16,6 +16,7 @@ Both only ever restrict the permutations a group may take, so every step keeps t
 
 from __future__ import annotations
 
+import itertools
 import math
 
 Factor = tuple  # (gid | None, size)
@@ -209,7 +210,7 @@ class Groups:
         for s in sizes:
             want.append(want[-1] * s)
         bounds = sorted(set(left) | set(want))
-        if any(b2 % b1 for b1, b2 in zip(bounds, bounds[1:])):
+        if any(b2 % b1 for b1, b2 in itertools.pairwise(bounds)):
             return None
         out: list[Factor] = []
         for (gid, s), lo, hi in zip(seg, left, left[1:]):
@@ -218,7 +219,7 @@ class Groups:
                 out.append((gid, s))
                 continue
             pts = [lo] + inner + [hi]
-            parts = [b // a for a, b in zip(pts, pts[1:])]
+            parts = [b // a for a, b in itertools.pairwise(pts)]
             if gid is None:
                 out += [(None, p) for p in parts]
             else:

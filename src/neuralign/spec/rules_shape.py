@@ -254,4 +254,4 @@ def _creation(t, node):
     return t.const_value(node)
 
 
-__all__ = ["RULES", "dim_len", "const_layout"]
+__all__ = ["RULES", "const_layout", "dim_len"]

@@ -141,7 +141,7 @@ class Tracer:
             fn = unknown
         try:
             self.layouts[node.name] = fn(self, node)
-        except (IndexError, TypeError, ValueError, AttributeError, KeyError, AssertionError):
+        except Exception:  # noqa: BLE001 - a rule that cannot follow this form: fix, go on
             self.unknown_ops[name] = self.unknown_ops.get(name, 0) + 1
             self.layouts[node.name] = unknown(self, node, f"operation {name} in an unexpected "
                                               "form")
@@ -222,8 +222,13 @@ def trace_spec(model: nn.Module, example_input) -> PermutationSpec:
     ep = export_model(m, example_input)
     sd = m.state_dict(keep_vars=True)
     tr = Tracer(ep, sd)
-    tr.run()
-    spec = build_spec(tr, sd, ep)
+    try:
+        tr.run()
+        spec = build_spec(tr, sd, ep)
+    except Exception as exc:
+        raise SpecError(f"internal error deriving the spec of {type(model).__name__} "
+                        f"({type(exc).__name__}: {_first_line(exc)}); please report it; "
+                        f"{HOWTO}") from exc
     spec.trace_info["trace_time_s"] = time.perf_counter() - t0
     if not spec.groups:
         raise SpecError(f"nothing in {type(model).__name__} can be permuted exactly "

@@ -10,19 +10,19 @@ the verdict is ``exact`` (relative difference below 1e-4), ``refused`` (a one-li
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 TIMM = """resnet18 efficientnet_b0 mobilenetv3_small_100 vit_tiny_patch16_224 deit_tiny_patch16_224
 swin_tiny_patch4_window7_224 convnext_atto mixer_s16_224 resmlp_12_224 regnetx_002 dla34
-densenet121 dpn68 ghostnet_100 rexnet_100 cspresnet50 hrnet_w18_small levit_128s poolformer_s12
-coat_lite_tiny crossvit_tiny_240 cait_xxs24_224 xcit_nano_12_p16_224 pit_ti_224
-efficientformer_l1 mobilevit_xxs edgenext_xx_small repvgg_a0 gernet_s dm_nfnet_f0 inception_v3
-res2net50_14w_8s resnest14d ese_vovnet19b_dw fastvit_t8 eva02_tiny_patch14_224
+densenet121 dpn68 ghostnet_100 rexnet_100 cspresnet50 hrnet_w18_small levit_128s
+poolformer_s12 coat_lite_tiny crossvit_tiny_240 cait_xxs24_224 xcit_nano_12_p16_224
+pit_ti_224 efficientformer_l1 mobilevit_xxs edgenext_xx_small repvgg_a0 gernet_s dm_nfnet_f0
+inception_v3 res2net50_14w_8s resnest14d ese_vovnet19b_dw fastvit_t8 eva02_tiny_patch14_224
 beit_base_patch16_224 sequencer2d_s gcvit_xxtiny coatnet_nano_rw_224 efficientvit_b0
-hgnetv2_b0 mambaout_femto starnet_s1""".split()
+hgnetv2_b0 mambaout_femto starnet_s1""".split()  # noqa: SIM905
 
 # models whose input must have a particular size (the rest get 64 x 64)
 SIZES = {"inception_v3": 80, "maxvit_t": 224, "levit_128s": 224, "crossvit_tiny_240": 240,
@@ -93,10 +93,10 @@ def timm_entries() -> list[Entry]:
 def _hf_configs() -> dict:
     import transformers as T
 
-    enc = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=32, max_position_embeddings=40)
-    dec = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=40)
+    enc = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "intermediate_size": 32, "max_position_embeddings": 40}
+    dec = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "max_position_embeddings": 40}
     return {
         "BertForSequenceClassification": T.BertConfig(**enc, num_labels=3),
         "BertForTokenClassification": T.BertConfig(**enc, num_labels=3),
