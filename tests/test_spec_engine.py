@@ -97,3 +97,12 @@ def test_hand_written_spec_that_misses_a_place_is_caught():
     good = PermutationSpec({"h": Group("h", 8, [Place("0.weight", 0), Place("0.bias", 0),
                                                 Place("2.weight", 1)])})
     assert check_spec(model, good, torch.randn(5, 4)) < 1e-4
+
+
+def test_spec_from_model_leaves_the_model_alone():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec_from_model(model, torch.randn(5, 4))
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -33,11 +33,11 @@ def _run(model, x):
         return _tensors(model(x))
 
 
-def randomise_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomise_norm_stats(model: nn.Module, seed: int = 0, inplace: bool = False) -> nn.Module:
     """A copy whose batch-norm statistics and norm affine parameters are random, and whose
     all-zero parameters (zero-initialised heads, biases, LayerScale) are small random values, so
     a check sees them (fresh models have mean 0, variance 1, weight 1, bias 0, zero heads)."""
-    model = copy.deepcopy(model).eval()
+    model = (model if inplace else copy.deepcopy(model)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -64,10 +64,14 @@ def check_spec(model: nn.Module, spec, example_input, seed: int = 0, tol: float 
     ``raise_error=False``."""
     from neuralign.permute import apply_permutation, random_permutation
 
-    model = model.eval()
-    perm = random_permutation(spec, seed)
-    permuted = apply_permutation(model, perm, spec)
-    outs_a, outs_b = _run(model, example_input), _run(permuted, example_input)
+    was_training = model.training
+    try:
+        model.eval()
+        perm = random_permutation(spec, seed)
+        permuted = apply_permutation(model, perm, spec).eval()
+        outs_a, outs_b = _run(model, example_input), _run(permuted, example_input)
+    finally:
+        model.train(was_training)
     worst = 0.0
     for a, b in zip(outs_a, outs_b):
         if a.shape != b.shape:

@@ -10,7 +10,6 @@ for everything fixed are kept for :meth:`PermutationSpec.coverage`.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -218,8 +217,13 @@ def export_model(model: nn.Module, example_input):
 
 def trace_spec(model: nn.Module, example_input) -> PermutationSpec:
     t0 = time.perf_counter()
-    m = copy.deepcopy(model).eval()
-    ep = export_model(m, example_input)
+    was_training = model.training
+    model.eval()  # export reads the model, never writes it; only the mode is restored
+    try:
+        ep = export_model(model, example_input)
+    finally:
+        model.train(was_training)
+    m = model
     sd = m.state_dict(keep_vars=True)
     tr = Tracer(ep, sd)
     try:

@@ -161,7 +161,7 @@ def evaluate(entry: Entry, seed: int = 0, tol: float = 1e-4) -> dict:
     torch.manual_seed(seed)
     row = {"model": entry.name, "source": entry.source}
     model, x = entry.build()
-    model = randomise_norm_stats(model, seed)
+    model = randomise_norm_stats(model, seed, inplace=True)
     t0 = time.perf_counter()
     try:
         spec = spec_from_model(model, x, check=False)
