@@ -20,9 +20,13 @@ def _expand(g, gid: int, outer: int, inner: int, start: int, out: list) -> None:
             _expand(g, k, outer * math.prod(sizes[:i]), inner * math.prod(sizes[i + 1:]), start,
                     out)
         return
-    if outer != 1:  # sub-groups repeated inside an outer factor: not one block each
-        for leaf in g.leaves(r):
-            g.fix(leaf, "sub-groups repeated inside an outer factor")
+    if outer != 1:  # sub-groups repeated inside an outer factor: one place per repeat
+        if outer > 1024:
+            for leaf in g.leaves(r):
+                g.fix(leaf, "sub-groups repeated inside an outer factor")
+            return
+        for o in range(outer):
+            _expand(g, r, 1, inner, start + o * g.size[r] * inner, out)
         return
     pos = start
     for k, s in zip(kids, sizes):
@@ -83,7 +87,10 @@ def _probes(tr, ep, free) -> dict[int, list[Probe]]:
                                                 "Tanh", "Sigmoid", "Mish")) else \
             "norm" if "Norm" in cls else "other"
         for d, dim in enumerate(lay):
-            segs = tr.g.norm(dim)
+            try:
+                segs = tr.g.norm(dim, strict=True)
+            except ValueError:
+                continue
             if len(segs) != 1:
                 continue
             sizes = [n for _, n in segs[0]]

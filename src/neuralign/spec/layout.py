@@ -140,7 +140,7 @@ class Groups:
                     self.fix(gid, reason, hidden)
 
     # layouts -----------------------------------------------------------------------------
-    def norm_seg(self, seg: Segment) -> list[Segment]:
+    def norm_seg(self, seg: Segment, strict: bool = False) -> list[Segment]:
         """Expand decomposed groups; a ``sum`` decomposition splits the segment when it is the
         leading factor, otherwise (units not contiguous) its sub-groups are fixed."""
         out: list[Factor] = []
@@ -158,20 +158,22 @@ class Groups:
                 kind, kids = self.decomp[r]
                 if kind == "prod":
                     return self.norm_seg(tuple(out) + tuple((k, self.size[k]) for k in kids)
-                                         + tuple(seg[i + 1:]))
+                                         + tuple(seg[i + 1:]), strict)
                 if not out:
                     segs = []
                     for k in kids:
-                        segs += self.norm_seg(((k, self.size[k]),) + tuple(seg[i + 1:]))
+                        segs += self.norm_seg(((k, self.size[k]),) + tuple(seg[i + 1:]), strict)
                     return segs
+                if strict:  # a read-only look (probes) must not restrict anything
+                    raise ValueError("split group inside another factor")
                 self.fix(r, "a split group appears inside another factor")
                 out.append((None, size))
                 continue
             out.append((r, size))
         return [tuple(out)] if out else [((None, 1),)]
 
-    def norm(self, dim: Dim) -> Dim:
-        return tuple(s for seg in dim for s in self.norm_seg(seg))
+    def norm(self, dim: Dim, strict: bool = False) -> Dim:
+        return tuple(s for seg in dim for s in self.norm_seg(seg, strict))
 
     def cut(self, dim: Dim, offsets) -> Dim:
         """The same axis with segment boundaries at ``offsets`` (splitting groups as needed)."""

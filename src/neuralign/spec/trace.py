@@ -33,7 +33,8 @@ def _first_line(exc: Exception) -> str:
 
 
 class Tracer:
-    def __init__(self, ep, state_dict) -> None:
+    def __init__(self, ep, state_dict, extra=None) -> None:
+        self.extra = extra or {}  # tensors outside the state dict (non-persistent buffers)
         self.ep = ep
         self.g = Groups()
         self.layouts: dict[str, object] = {}
@@ -105,9 +106,10 @@ class Tracer:
                         dims.append(const(1))
                         continue
                     gid = self.g.new(int(n), key)
-                    if key in self.sd_keys and node.users:  # unused (e.g. a tied alias): skip
-                        self.param_axes.append((gid, key, ax))
-                    else:
+                    if key in self.sd_keys:
+                        if node.users:  # unused (e.g. a tied alias): no places
+                            self.param_axes.append((gid, key, ax))
+                    elif not _uniform(self.extra.get(key)):  # a constant tensor moves freely
                         self.g.fix(gid, f"{key} is not in the state dict")
                     dims.append((((gid, int(n)),),))
                 self.params[name] = key
@@ -174,6 +176,10 @@ class Tracer:
                     self.fix_value(lay, "model output", False)
 
 
+def _uniform(t) -> bool:
+    return t is not None and t.numel() > 0 and bool((t == t.reshape(-1)[0]).all())
+
+
 def _seglen(seg) -> int:
     n = 1
     for _, s in seg:
@@ -225,7 +231,8 @@ def trace_spec(model: nn.Module, example_input) -> PermutationSpec:
         model.train(was_training)
     m = model
     sd = m.state_dict(keep_vars=True)
-    tr = Tracer(ep, sd)
+    extra = {k: v for k, v in m.named_buffers() if k not in sd}
+    tr = Tracer(ep, sd, extra)
     try:
         tr.run()
         spec = build_spec(tr, sd, ep)
