@@ -226,12 +226,35 @@ def _index_select(t, node):
 def _pad(t, node):
     lay = list(t.lay(node.args[0]))
     pads = list(node.args[1])
+    mode = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], str) else \
+        node.kwargs.get("mode", "constant")
     out = t.shape(node)
     for i in range(len(pads) // 2):
         d = len(lay) - 1 - i
-        if pads[2 * i] or pads[2 * i + 1]:
+        lo, hi = int(pads[2 * i]), int(pads[2 * i + 1])
+        if not (lo or hi):
+            continue
+        if mode == "constant" and lo >= 0 and hi >= 0:  # constants appended: own segments
+            lay[d] = ((const(lo)[0],) if lo else ()) + t.g.norm(lay[d]) + (
+                (const(hi)[0],) if hi else ())
+        else:
             t.g.fix_dim(lay[d], "padding an axis of units")
             lay[d] = const(int(out[d]))
+    return tuple(lay)
+
+
+@rule("repeat_interleave")
+def _repeat_interleave(t, node):
+    x = node.args[0]
+    reps = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if not isinstance(reps, int) or dim is None or not isinstance(t.lay(x), tuple):
+        return unknown(t, node, "repeat_interleave with tensor repeats or no dim")
+    lay, shape = list(t.lay(x)), t.shape(x)
+    dim %= len(shape)
+    n = int(shape[dim])
+    lay[dim] = reshape(t.g, (lay[dim], wild(t, reps)), (n, reps), (n * reps,),
+                       "repeat_interleave")[0]
     return tuple(lay)
 
 
