@@ -75,7 +75,8 @@ class Groups:
         lo, hi = min(ra, rb), max(ra, rb)
         self.parent[hi] = lo
         if self.fixed[hi] and not self.fixed[lo]:
-            self.fixed[lo], self.reason[lo], self.hidden[lo] = True, self.reason[hi], self.hidden[hi]
+            self.fixed[lo] = True
+            self.reason[lo], self.hidden[lo] = self.reason[hi], self.hidden[hi]
         return lo
 
     def decompose(self, g: int, kind: str, sizes: list[int]) -> list[int]:

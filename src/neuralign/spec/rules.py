@@ -8,8 +8,6 @@ group its operands carry (:func:`unknown`), which is always exact.
 
 from __future__ import annotations
 
-import operator
-
 from neuralign.spec.layout import const, dim_len, is_const
 from neuralign.spec.shapes import broadcast, const_layout, reshape, take
 
@@ -29,8 +27,8 @@ POINTWISE = """add add_ sub sub_ rsub mul mul_ div div_ true_divide floor_divide
 maximum minimum where eq ne lt le gt ge logical_and logical_or logical_xor bitwise_and
 bitwise_or bitwise_xor masked_fill masked_fill_ lerp lerp_ addcmul addcmul_ addcdiv addcdiv_
 copy_ copy atan2 hypot xlogy""".split()
-REDUCE = "sum mean amax amin var std var_mean std_mean logsumexp norm linalg_vector_norm nansum prod"
-REDUCE = REDUCE.split()
+REDUCE = """sum mean amax amin var std var_mean std_mean logsumexp norm linalg_vector_norm
+nansum prod""".split()
 POOL = """max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
 adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d
 adaptive_max_pool3d max_pool2d_with_indices upsample_nearest2d upsample_bilinear2d
@@ -360,5 +358,4 @@ def _getitem(t, node):
     return lay[i] if isinstance(lay, list) else unknown(t, node, "indexing a tensor value")
 
 
-OPS_NOOP = {operator.getitem}
 __all__ = ["RULES", "unknown", "take", "is_const"]
