@@ -77,7 +77,7 @@ def test_flatten_after_conv_repeats_channels():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 5))
     spec = assert_preserved(model, x28)
     (g,) = spec.groups.values()
-    lin = [p for p in g.places if p.key == "3.weight"][0]
+    lin = next(p for p in g.places if p.key == "3.weight")
     assert (lin.axis, lin.inner) == (1, 26 * 26)
 
 
@@ -102,9 +102,10 @@ class Branchy(nn.Module):
         return x
 
 
-def test_concat_error_names_node():
-    with pytest.raises(SpecError, match=r"node 'cat'.*by hand"):
-        spec_from_model(Cat(), x28)
+def test_concat_makes_sub_groups_at_offsets():
+    spec = assert_preserved(Cat(), x28)
+    fc = [p for g in spec.groups.values() for p in g.places if p.key == "fc.weight"]
+    assert sorted((p.start, p.axis) for p in fc) == [(0, 1), (4, 1)]
 
 
 def test_data_dependent_control_flow_error():
@@ -171,8 +172,13 @@ def _minilm():
 def test_minilm_encoder_preserved():
     model = _minilm()
     spec = spec_from_model(model)
-    assert "resid" not in spec.groups  # bare encoder: the residual stream is its output
-    assert spec.groups["layer0.heads"].size == 12 and spec.groups["layer0.qk"].size == 32
+    # bare encoder: the residual stream is its output, so no group permutes the embeddings
+    assert not any(p.key == "embeddings.word_embeddings.weight" for g in spec.groups.values()
+                   for p in g.places)
+    heads = spec.groups["encoder.layer.0.attention.self.query.heads"]
+    assert heads.size == 12 and heads.kind == "heads"
+    assert spec.groups["encoder.layer.0.attention.self.query.head_dims"].size == 32  # q.k dims
+    assert spec.groups["encoder.layer.0.attention.self.value.head_dims"].size == 32  # v.o dims
     ids = torch.randint(0, 30000, (2, 12))
     perm = random_permutation(spec, 3)
     permuted = apply_permutation(model, perm, spec)

@@ -4,6 +4,7 @@ function), random permutations, and the tensor views the matching algorithms sha
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -59,7 +60,10 @@ def check_permutation(perm: Mapping[str, torch.Tensor], spec: PermutationSpec) -
 
 def _permute_sd(sd: Mapping[str, torch.Tensor], perm: Mapping[str, torch.Tensor],
                 spec: PermutationSpec) -> dict[str, torch.Tensor]:
-    out = dict(sd)
+    out = OrderedDict(sd)
+    meta = getattr(sd, "_metadata", None)
+    if meta is not None:  # module versions: some loaders (MNASNet) read them
+        out._metadata = copy.deepcopy(meta)
     for name, g in spec.groups.items():
         if name not in perm:
             continue

@@ -82,6 +82,7 @@ def align_models(a: nn.Module, b: nn.Module, method: str = "weight", loader=None
         "objective_after": perm.info.get("objective"),
         "sweeps": perm.info.get("sweeps"),
         "time_s": time.perf_counter() - t0,
+        "coverage": spec.coverage().summary(),
     }
     return b_aligned, perm, summary
 

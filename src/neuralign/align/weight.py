@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from neuralign.align.order import has_heads, staged_start
 from neuralign.errors import SpecError
 from neuralign.permute import check_permutation, take_units, unit_matrix
 from neuralign.spec.core import Permutation, PermutationSpec
@@ -198,6 +199,8 @@ def weight_matching(spec: PermutationSpec, a, b, max_iter: int = 100, seed: int 
         if n not in spec.groups:
             raise SpecError(f"group {n!r} is not in the spec (groups: {list(spec.groups)[:5]}...)")
     base = Permutation.identity(spec)
+    if init is None and groups is None and has_heads(spec):  # attention: start in stages
+        init = staged_start(spec, sd_a, sd_b, seed, max_iter=max_iter, rtol=rtol)
     if init is not None:
         check_permutation(init, spec)
         base.update({k: torch.as_tensor(v).long() for k, v in init.items()})

@@ -94,6 +94,12 @@ def bert_spec(model: nn.Module, permute_residual: bool | None = None) -> Permuta
     cfg = model.config
     e, h = cfg.hidden_size, cfg.num_attention_heads
     dh = e // h
+    known = (f"{prefix}embeddings.", f"{prefix}encoder.", f"{prefix}pooler.")
+    pooled_head = f"{prefix}pooler.dense.weight" in sd and "classifier.weight" in sd
+    other = [k for k in sd if not k.startswith(known) and not (
+        pooled_head and k in ("classifier.weight", "classifier.bias"))]
+    if other:  # a head this function does not know reads the stream: keep it fixed
+        permute_residual = False
     if permute_residual is None:
         permute_residual = prefix != ""
     groups: dict[str, Group] = {}

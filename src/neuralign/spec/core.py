@@ -70,11 +70,58 @@ class Group:
 
 
 @dataclass
+class Coverage:
+    """What a spec lets move: ``groups`` lists, per group of hidden units, its ``name``,
+    ``size``, whether it is ``free`` and the ``reason`` it is fixed; ``free_fraction`` is the
+    share of the hidden units (the outputs of every linear, convolution and embedding layer,
+    weighted by the log-size of their groups when only some factors of an axis are free) that
+    can move."""
+
+    groups: list[dict]
+    free_fraction: float
+    free_units: int
+    hidden_units: int
+
+    @property
+    def fixed(self) -> list[dict]:
+        return [g for g in self.groups if not g["free"]]
+
+    def reasons(self) -> dict[str, int]:
+        """``reason -> units`` fixed for it."""
+        out: dict[str, int] = {}
+        for g in self.fixed:
+            out[g["reason"]] = out.get(g["reason"], 0) + g["size"]
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def reasons_line(self) -> str:
+        r = self.reasons()
+        return "; ".join(f"{k} ({v} units)" for k, v in list(r.items())[:3]) or "no hidden units"
+
+    def summary(self) -> str:
+        n_free = sum(g["free"] for g in self.groups)
+        line = (f"coverage: {self.free_fraction:.1%} of {self.hidden_units} hidden units free "
+                f"({n_free} groups free, {len(self.groups) - n_free} fixed)")
+        return line + (f"; fixed: {self.reasons_line()}" if self.fixed else "")
+
+
+@dataclass
 class PermutationSpec:
     """Permutation groups of a model, keyed by group name (insertion order = input to output)."""
 
     groups: dict[str, Group] = field(default_factory=dict)
     source: str = "manual"
+    trace_info: dict = field(default_factory=dict, repr=False, compare=False)
+    _coverage: Coverage | None = field(default=None, repr=False, compare=False)
+
+    def coverage(self) -> Coverage:
+        """Per group free or fixed (and why), and the fraction of hidden units free to move.
+        A hand-written spec reports its own groups, all free."""
+        if self._coverage is not None:
+            return self._coverage
+        rows = [{"name": g.name, "size": g.size, "free": True, "reason": None}
+                for g in self.groups.values()]
+        n = sum(g.size for g in self.groups.values())
+        return Coverage(rows, 1.0 if n else 0.0, n, n)
 
     def __len__(self) -> int:
         return len(self.groups)
