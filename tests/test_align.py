@@ -1,5 +1,7 @@
 """Matching: planted permutations are recovered, objectives never drop, errors are clear."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -168,3 +170,19 @@ def test_errors_are_one_line():
         activation_matching(a, a, [], spec=spec)
     with pytest.raises(DataError, match="needs data"):
         align_models(a, a, "activation", example_input=x28[:2])
+
+
+def test_align_models_checks_a_hand_written_spec():
+    """A spec given by hand goes through the same function check as a derived one."""
+    from neuralign.align import align_models
+    from neuralign.errors import SpecError
+    from neuralign.spec import PermutationSpec
+
+    a = _model("mlp", width=16)
+    spec = spec_from_model(a, x28[:2])
+    first = next(iter(spec.groups))
+    g = spec.groups[first]
+    # the layer that reads these units is left out: permuting with it changes the function
+    bad = PermutationSpec({first: dataclasses.replace(g, places=list(g.places[:1]))})
+    with pytest.raises(SpecError):
+        align_models(a, a, "weight", spec=bad, example_input=x28[:2])

@@ -30,6 +30,7 @@ def test_cli_align_weight_and_activation(tmp_path):
                                   "--method", method, *extra])
         assert res.exit_code == 0, res.output
         assert "moved" in res.output and "objective" in res.output
+        assert "coverage: 100.0% of" in res.output  # what the spec lets move is printed
         c = load_model(str(out))
         for k, v in a.state_dict().items():
             assert torch.allclose(v, c.state_dict()[k], atol=1e-6), k

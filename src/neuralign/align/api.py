@@ -55,6 +55,11 @@ def align_models(a: nn.Module, b: nn.Module, method: str = "weight", loader=None
         if example_input is None:
             example_input = example_input_for(a)
         spec = spec_from_model(a, example_input)
+    elif example_input is not None or loader is not None:  # a spec given by hand: checked too
+        from neuralign.spec import check_spec
+
+        check_spec(a, spec, example_input if example_input is not None
+                   else first_input(next(iter(loader))))
     if method in ("activation", "corr", "cov", "ste") and loader is None:
         raise DataError(f"method {method!r} needs data: pass a loader (CLI: --data)")
     if method == "weight":
@@ -83,6 +88,7 @@ def align_models(a: nn.Module, b: nn.Module, method: str = "weight", loader=None
         "sweeps": perm.info.get("sweeps"),
         "time_s": time.perf_counter() - t0,
         "coverage": spec.coverage().summary(),
+        "free_fraction": spec.coverage().free_fraction,
     }
     return b_aligned, perm, summary
 

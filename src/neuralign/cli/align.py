@@ -129,10 +129,12 @@ def register(app: typer.Typer) -> None:
                              summary["objective_after"]])
             rep.table("objective", ["", "before", "after"], rows)
             extra = f", {summary['sweeps']} sweeps" if summary.get("sweeps") else ""
+            rep.note(summary["coverage"])
             rep.note(f"{len(groups)} groups, {summary['time_s']:.2f} s{extra}; saved {out}")
             rep.data.update(out=out, a=a, b=b, method=method, groups=groups,
                             weight_objective_before=summary["weight_objective_before"],
                             weight_objective_after=summary["weight_objective_after"],
                             objective_before=summary["objective_before"],
                             objective_after=summary["objective_after"],
-                            seconds=summary["time_s"])
+                            seconds=summary["time_s"], coverage=summary["coverage"],
+                            free_fraction=summary["free_fraction"])
