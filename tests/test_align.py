@@ -117,7 +117,8 @@ def test_activation_matching_streams_batches_consistently():
     one = activation_matching(model, permuted, [(x28, y28)], spec=spec, tie_break=0)
     two = activation_matching(model, permuted, LOADER, spec=spec, tie_break=0)
     for n in spec.groups:
-        assert one.info["score_after"][n] == pytest.approx(two.info["score_after"][n], abs=1e-9)
+        # float32 sums within a batch, float64 across batches
+        assert one.info["score_after"][n] == pytest.approx(two.info["score_after"][n], abs=1e-6)
 
 
 def test_ste_and_sinkhorn_recover_planted_permutation():

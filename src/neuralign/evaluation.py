@@ -64,7 +64,7 @@ def iter_batches(loader):
         i = torch.as_tensor(idx, dtype=torch.long)
         if index is not None:
             i = index[i]
-        yield [t[i] for t in tensors]
+        yield [torch.index_select(t, 0, i) for t in tensors]  # a copy, as collate makes
 
 
 def _targets(batch) -> tuple[torch.Tensor, torch.Tensor]:

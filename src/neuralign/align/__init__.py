@@ -1,7 +1,7 @@
 """Finding permutations that align one model to another (each result, applied to ``b`` with
 :func:`neuralign.permute.apply_permutation`, aligns it to ``a``)."""
 
-from neuralign.align.activation import ActivationStats, activation_matching
+from neuralign.align.activation import ActivationStats, activation_matching, activation_statistics
 from neuralign.align.api import METHODS, align_models, l2_distance
 from neuralign.align.many import align_many, align_to_mean
 from neuralign.align.sinkhorn import sinkhorn_matching
@@ -13,6 +13,7 @@ from neuralign.spec.core import Permutation
 __all__ = [
            "METHODS",
            "ActivationStats",
+           "activation_statistics",
            "Permutation",
            "activation_matching",
            "align_many",
