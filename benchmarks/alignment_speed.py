@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _parallel import available_cores, run_units  # noqa: E402
+from _parallel import available_cores, run_units
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 VERSION = "2"  # bump when what a unit measures changes
@@ -74,8 +74,9 @@ def run_ours(a, b, x, seed, tol):
 
 
 def run_rebasin(a, b, x, seed, spec):
-    from neuralign.align import weight_objective
     from rebasin import PermutationCoordinateDescent
+
+    from neuralign.align import weight_objective
 
     a2, b2 = copy.deepcopy(a), copy.deepcopy(b)
     torch.manual_seed(seed)
@@ -216,7 +217,7 @@ def write(rows, args, wall):
         ss = [s for s in sums if s["model"] == m]
         rs = [r for r in rows if r["model"] == m]
 
-        def col(k, fmt="{:.2f}"):
+        def col(k, fmt="{:.2f}", ss=ss):
             return _ms([s.get(k) for s in ss], fmt)
         rb_groups = next((r["rebasin"]["groups"] for r in rs if "rebasin" in r), "—")
         err = next((r["rebasin_error"] for r in rs if "rebasin_error" in r), None)

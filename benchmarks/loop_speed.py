@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _parallel import available_cores, run_units  # noqa: E402
+from _parallel import available_cores, run_units
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 VERSION = "1"
@@ -51,6 +51,7 @@ MODELS = {  # name: (get_model name, kwargs, training images, images for the pas
     "resnet20x4": ("resnet20", {"width": 4, "norm": "bn"}, 128, 64, 2),
 }
 FISHER_EXAMPLES = 64  # per-example gradients: the Fisher pass sees at most this many images
+CKA_EXAMPLES = 512  # layer_cka's default: CKA compares Gram matrices over this many images
 BATCH = 128
 
 
@@ -145,7 +146,7 @@ def passes(name, a, b, x, y, repeats):
     loader = _loader(x, y)
     spec = spec_from_model(a, x[:2])
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
-    nf = min(len(x), FISHER_EXAMPLES)
+    nf, nc = min(len(x), FISHER_EXAMPLES), min(len(x), CKA_EXAMPLES)
     todo = {  # pass: (function, how many plain forwards it is compared with, images)
         "activation statistics": (lambda: activation_statistics(a, b, loader, spec), 2, len(x)),
         "activation matching (+ LAPs)": (lambda: activation_matching(a, b, loader, spec=spec),
@@ -153,7 +154,7 @@ def passes(name, a, b, x, y, repeats):
         "REPAIR": (lambda: repair(a, b, copy.deepcopy(a), loader), 3, len(x)),
         "BN reset": (lambda: reset_bn(a, loader), 1, len(x)) if has_bn else None,
         "Fisher (diagonal)": (lambda: fisher_diagonal(a, loader, n_examples=nf), 1, nf),
-        "CKA (layer x layer)": (lambda: layer_cka(a, b, loader, n_examples=len(x)), 2, len(x)),
+        "CKA (layer x layer)": (lambda: layer_cka(a, b, loader, n_examples=nc), 2, nc),
     }
     if activation_statistics is None:  # an older tree (--before)
         del todo["activation statistics"]
@@ -162,8 +163,8 @@ def passes(name, a, b, x, y, repeats):
         if item is None:
             continue
         fn, k, n = item
-        r = interleave({"forward": lambda: hand_forward(a, x[:n]), "pass": lambda: timed(fn)},
-                       repeats)
+        r = interleave({"forward": lambda n=n: hand_forward(a, x[:n]),
+                        "pass": lambda fn=fn: timed(fn)}, repeats)
         out[pname] = {"forwards": k, "images": n, "forward_s": r["forward"]["median_s"],
                       "pass_s": r["pass"]["median_s"],
                       "ratio": r["pass"]["median_s"] / (k * r["forward"]["median_s"])}
@@ -288,7 +289,7 @@ def write(rows, args, wall):
         for r in ex:
             v = r["experiments"]
 
-            def f(k, fmt="{:.3f}"):
+            def f(k, fmt="{:.3f}", v=v):
                 return fmt.format(v[k]) if v.get(k) is not None else "—"
             lines.append(f"| {r['model']} | {f('channels_last_ratio')} | {f('compiled_ratio')} |"
                          f" {f('compile_s', '{:.1f}')} | {f('compile_breakeven_epochs', '{:.1f}')}"

@@ -13,9 +13,9 @@ from neuralign.spec.core import Permutation
 __all__ = [
            "METHODS",
            "ActivationStats",
-           "activation_statistics",
            "Permutation",
            "activation_matching",
+           "activation_statistics",
            "align_many",
            "align_models",
            "align_to_mean",

@@ -170,14 +170,15 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
     for (n, i), st in stats.items():
         p = spec.groups[n].probes[i]
         users.setdefault(p.name, []).append((st, p))
-    held: dict = {}
+    held: dict[str, list] = {}  # A's outputs of this batch not yet paired (a module called
+    # twice in a forward pairs call k of A with call k of B)
 
     def pair(name, out_b):
-        out_a = held.pop(name)
+        out_a = held[name].pop(0)
         for st, p in users[name]:
             st.update(_units(out_a, p, st.size), _units(out_b, p, st.size))
 
-    cap_a = _Capture(model_a, probes, dev, sink=held.__setitem__)
+    cap_a = _Capture(model_a, probes, dev, sink=lambda name, out: held.setdefault(name, []).append(out))
     cap_b = _Capture(model_b, probes, dev, sink=pair)
     seen = 0
     for b in iter_batches(batches):

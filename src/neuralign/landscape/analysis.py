@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from neuralign.errors import DataError, NeuralignError
+from neuralign.evaluation import iter_batches
 from neuralign.utils import as_state_dict, split_batch
 from neuralign.utils import model_device as device_of
 
@@ -83,7 +84,7 @@ def features(model: nn.Module, loader: Iterable, layers: Sequence[str], n_exampl
     model.eval()
     seen = 0
     try:
-        for batch in loader:
+        for batch in iter_batches(loader):
             x, _ = split_batch(batch)
             x = x[: n_examples - seen]
             model(x.to(device_of(model)))
