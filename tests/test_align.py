@@ -199,6 +199,9 @@ def test_weight_matching_stops_at_tol_and_tol_zero_runs_to_convergence():
     default = weight_matching(spec, a, b, seed=0)
     assert default.info["tol"] == 1e-3 and default.info["sweeps"] < full.info["sweeps"]
     assert default.info["objective"] >= 0.995 * full.info["objective"]
+    # align_models passes tol through
+    _, perm, _ = align_models(a, b, method="weight", example_input=x28[:2], tol=0)
+    assert perm.info["stopped"] == "converged" and perm.info["tol"] == 0
 
 
 def test_weight_matching_skipping_unchanged_groups_keeps_the_result():

@@ -45,16 +45,28 @@ def _units(t: torch.Tensor, probe: Probe, size: int) -> torch.Tensor:
     return t.reshape(shape).movedim(dim + 1, -1).reshape(-1, size)
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm, wanted, sink):
-        super().__init__(gm)
-        self.wanted, self.sink = wanted, sink
+class _Tap(nn.Module):
+    """Inserted after each probed node of the traced model: hands the value to ``sink``."""
 
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.wanted:
-            self.sink(n.name, out)
-        return out
+    def __init__(self, sink):
+        super().__init__()
+        self.sink = sink
+
+    def forward(self, value, name: str):
+        self.sink(name, value)
+        return value
+
+
+def _tapped(gm: fx.GraphModule, names: set[str], sink) -> fx.GraphModule:
+    """``gm`` with a call to a ``_Tap`` after every node in ``names`` (compiled Python code,
+    no per-node interpretation)."""
+    gm.add_submodule("_neuralign_tap", _Tap(sink))
+    for node in list(gm.graph.nodes):
+        if node.name in names:
+            with gm.graph.inserting_after(node):
+                gm.graph.call_module("_neuralign_tap", (node, node.name))
+    gm.recompile()
+    return gm
 
 
 class _Capture:
@@ -81,7 +93,7 @@ class _Capture:
             if missing:
                 raise SpecError(f"probe node {min(missing)!r} is not in the traced model; "
                                 "derive the spec from this model")
-            self.runner = _Recorder(gm, node_names, self.sink)
+            self.runner = _tapped(gm, node_names, self.sink)
 
     def _hook(self, name):
         def fn(_m, _i, out):
@@ -91,7 +103,7 @@ class _Capture:
     def __call__(self, x) -> None:
         with torch.inference_mode():
             if self.runner is not None:
-                self.runner.run(x)
+                self.runner(x)
             else:
                 self.model(**x) if isinstance(x, dict) else self.model(x)
 
