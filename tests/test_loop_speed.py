@@ -112,3 +112,30 @@ def test_progress_reports_at_most_every_interval(capsys):
     assert all(due) and not any(late) and not any(off)
     lines = capsys.readouterr().err.splitlines()
     assert lines == [lines[0]] and lines[0].startswith("evaluate: loss 1.0, step 3/10, ")
+
+
+def test_parallel_units_are_cached_and_resumed(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _parallel import run_units
+
+    monkeypatch.setenv("NEURALIGN_CACHE", str(tmp_path))
+    calls = []
+
+    def fn(u):
+        calls.append(u)
+        return {"double": 2 * u["seed"]}
+
+    units = [{"seed": s} for s in range(3)]
+    assert run_units(fn, units, name="t", workers=1, log=lambda *_: None) == [
+        {"double": 0}, {"double": 2}, {"double": 4}]
+    assert len(list((tmp_path / "benchmarks" / "t").glob("*.json"))) == 3
+    # a rerun reads every unit from the cache; a new unit alone is computed
+    calls.clear()
+    out = run_units(fn, [*units, {"seed": 5}], name="t", workers=1, log=lambda *_: None)
+    assert out[-1] == {"double": 10} and calls == [{"seed": 5}]
+    # worker processes (spawned, one thread each) give the same results in unit order
+    out = run_units(dict, units, name="t2", workers=2, log=lambda *_: None)
+    assert out == units

@@ -18,6 +18,8 @@ from neuralign.evaluation import (  # noqa: F401 - re-exported
     evaluate,
     iter_batches,
     predict,
+    to_device,
+    use_channels_last,
 )
 from neuralign.progress import Progress
 from neuralign.utils import model_device, split_batch
@@ -90,7 +92,8 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
           param_groups: list[dict] | None = None, callbacks: Iterable = (),
           regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
           loss_fn: LossFn | None = None, val_loader=None, device=None, progress: bool = True,
-          seed: int = 0, batch_size: int = 128, max_steps: int | None = None) -> History:
+          seed: int = 0, batch_size: int = 128, max_steps: int | None = None,
+          channels_last: bool | None = None) -> History:
     """Train ``model`` in place. Returns the per-epoch history.
 
     ``param_groups`` are dicts with ``params`` and an optional ``lr_scale``: at every step each
@@ -101,6 +104,8 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
     on a terminal, plain lines on stderr elsewhere (one per epoch and at most one every 10 s in
     between); False is silent. A DataLoader over a ``TensorDataset`` is read by slicing its
     tensors, in the order the DataLoader itself would give (``iter_batches``).
+    ``channels_last``: image batches in channels-last layout (None: on CPU, where it is faster;
+    the model's parameters keep their layout).
     """
     if epochs < 1:
         raise NeuralignError(f"epochs must be >= 1, got {epochs}")
@@ -110,6 +115,7 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
     if len(loader) == 0:
         raise DataError("the training loader yields no batches; is the data set empty?")
     device = torch.device(device) if device is not None else model_device(model)
+    cl = use_channels_last(channels_last, device)
     model.to(device)
     callbacks = list(callbacks)
     if param_groups is None:
@@ -146,7 +152,7 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
                 x, y = split_batch(batch)
                 if y is None:
                     raise DataError("each training batch must be an (inputs, targets) pair")
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_device(x, device, cl), y.to(device, non_blocking=True)
                 f = factor(step)
                 for g in opt.param_groups:  # lr_scale may have been changed by a callback
                     g["lr"] = lr * g["lr_scale"] * f
@@ -176,7 +182,8 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
             metrics = {"epoch": epoch + 1, "train_loss": train_loss,
                        "train_accuracy": int(correct) / seen if classify else float("nan")}
             if val_loader is not None:
-                ev = evaluate(model, val_loader, loss_fn=loss_fn, device=device, progress=False)
+                ev = evaluate(model, val_loader, loss_fn=loss_fn, device=device, progress=False,
+                              channels_last=cl)
                 metrics.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
             history.epochs.append(metrics)
             prog.line(f"epoch {epoch + 1}/{epochs}, " + ", ".join(
