@@ -23,7 +23,9 @@ class Progress:
     def __init__(self, name: str, total: int | None, mode: bool | str = True,
                  every: float = 10.0, unit: str = "img"):
         self.name, self.total, self.every, self.unit = name, total, every, unit
-        tty = sys.stderr.isatty()
+        mode = mode if mode == "auto" else bool(mode)
+        stream = sys.stderr
+        tty = stream is not None and stream.isatty()
         self.bar = None
         if mode is True and tty:
             from rich.console import Console
@@ -33,7 +35,7 @@ class Progress:
             self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(),
                            MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-        self.lines = (mode is True or mode == "auto") and not tty
+        self.lines = (mode is True or mode == "auto") and not tty and stream is not None
         self.enabled = self.bar is not None or self.lines
         self.steps = self.items = 0
         self.start = self.last = time.perf_counter()

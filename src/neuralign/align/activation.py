@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from neuralign.align.weight import _State, check_same_architecture, solve_lap, weight_matching
 from neuralign.errors import DataError, SpecError
-from neuralign.evaluation import iter_batches
+from neuralign.evaluation import iter_batches, to_device, use_channels_last
 from neuralign.spec import spec_from_model
 from neuralign.spec.core import Permutation, PermutationSpec, Probe
 from neuralign.spec.trace import trace_model
@@ -192,12 +192,14 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
 
     cap_a = _Capture(model_a, probes, dev, sink=lambda name, out: held.setdefault(name, []).append(out))
     cap_b = _Capture(model_b, probes, dev, sink=pair)
+    cl = use_channels_last(None, dev)
     seen = 0
     for b in iter_batches(batches):
         if max_batches is not None and seen >= max_batches:
             break
         x = first_input(b)
-        x = x.to(dev) if isinstance(x, torch.Tensor) else {k: v.to(dev) for k, v in x.items()}
+        x = (to_device(x, dev, cl) if isinstance(x, torch.Tensor)
+             else {k: v.to(dev) for k, v in x.items()})
         _run_batch(cap_a, x, "A")
         _run_batch(cap_b, x, "B")
         held.clear()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from neuralign.errors import DataError, NeuralignError
-from neuralign.evaluation import iter_batches
+from neuralign.evaluation import iter_batches, to_device, use_channels_last
 from neuralign.utils import as_state_dict, split_batch
 from neuralign.utils import model_device as device_of
 
@@ -87,7 +87,8 @@ def features(model: nn.Module, loader: Iterable, layers: Sequence[str], n_exampl
         for batch in iter_batches(loader):
             x, _ = split_batch(batch)
             x = x[: n_examples - seen]
-            model(x.to(device_of(model)))
+            dev = device_of(model)
+            model(to_device(x, dev, use_channels_last(None, dev)))
             seen += len(x)
             if seen >= n_examples:
                 break

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from neuralign.errors import DataError, NeuralignError
-from neuralign.evaluation import iter_batches
+from neuralign.evaluation import iter_batches, to_device, use_channels_last
 from neuralign.merge._util import as_state_dict, check_same_architecture, device_of, split_batch
 from neuralign.merge.basic import _NORMS
 
@@ -127,20 +127,23 @@ class ChannelMoments:
         return self.mean.float(), (self.m2 / self.n).clamp_min(0).sqrt().float()
 
 
-def _batches(loader: Iterable, max_batches: int | None):
+def _batches(loader: Iterable, max_batches: int | None, device=None):
+    """The inputs of (at most ``max_batches`` of) ``loader``; on ``device`` when given, image
+    batches there in channels-last layout on CPU (as the training loop)."""
+    cl = device is not None and use_channels_last(None, device)
     for i, batch in enumerate(iter_batches(loader)):
         if max_batches is not None and i >= max_batches:
             break
-        yield split_batch(batch)[0]
+        x = split_batch(batch)[0]
+        yield x if device is None else to_device(x, device, cl)
 
 
 def _forward_all(model: nn.Module, loader: Iterable, max_batches: int | None) -> None:
     """Feed the inputs of (at most ``max_batches`` of) ``loader`` through ``model``, so that its
     hooks (or batch-norm layers) see them (no autograd graph)."""
-    dev = device_of(model)
     with torch.no_grad():
-        for x in _batches(loader, max_batches):
-            model(x.to(dev))
+        for x in _batches(loader, max_batches, device_of(model)):
+            model(x)
 
 
 def channel_stats_many(models: Sequence[nn.Module], loader: Iterable, names: Sequence[str],
@@ -164,7 +167,7 @@ def channel_stats_many(models: Sequence[nn.Module], loader: Iterable, names: Seq
         model.eval()
     try:
         with torch.inference_mode():
-            for x in _batches(loader, max_batches):
+            for x in _batches(loader, max_batches, device_of(models[0])):
                 for model in models:
                     model(x.to(device_of(model)))
     finally:
