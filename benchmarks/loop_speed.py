@@ -50,7 +50,7 @@ MODELS = {  # name: (get_model name, kwargs, training images, images for the pas
     "mlp": ("mlp", {"width": 512, "depth": 3}, 16384, 4096, 3),
     "vgg11": ("vgg11", {"width": 0.25, "norm": "bn"}, 2048, 512, 3),
     "resnet20x1": ("resnet20", {"width": 1, "norm": "bn"}, 512, 256, 3),
-    "resnet20x4": ("resnet20", {"width": 4, "norm": "bn"}, 128, 64, 2),
+    "resnet20x4": ("resnet20", {"width": 4, "norm": "bn"}, 256, 64, 3),
 }
 FISHER_EXAMPLES = 64  # per-example gradients: the Fisher pass sees at most this many images
 CKA_EXAMPLES = 512  # layer_cka's default: CKA compares Gram matrices over this many images
