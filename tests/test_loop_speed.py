@@ -139,3 +139,18 @@ def test_parallel_units_are_cached_and_resumed(tmp_path, monkeypatch):
     # worker processes (spawned, one thread each) give the same results in unit order
     out = run_units(dict, units, name="t2", workers=2, log=lambda *_: None)
     assert out == units
+
+
+def test_compile_flag_trains_through_torch_compile(monkeypatch):
+    compiled = []
+
+    def fake_compile(model):  # the wiring, without minutes of compiling in a unit test
+        compiled.append(model)
+        return lambda x: model(x)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    m = get_model("mlp", num_classes=10, in_channels=1, image_size=8, width=16, depth=1)
+    train(m, (X, Y), epochs=1, batch_size=32, progress=False, compile=True)
+    assert compiled == [m]
+    train(m, (X, Y), epochs=1, batch_size=32, progress=False)
+    assert compiled == [m]

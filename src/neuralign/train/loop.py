@@ -81,6 +81,19 @@ def _call(fns: Sequence[Callable], *args) -> None:
         fn(*args)
 
 
+def _forward(forward, x, compiled: bool):
+    if not compiled:
+        return forward(x)
+    try:
+        return forward(x)
+    except Exception as exc:  # noqa: BLE001 - compiler failures come in many types
+        if "torch._dynamo" not in type(exc).__module__ and "inductor" not in type(exc).__module__:
+            raise
+        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise NeuralignError(f"torch.compile cannot compile this model ({msg}); train without "
+                             "compile=True") from None
+
+
 def _diverged(loss: torch.Tensor, epoch: int, i: int):
     raise NeuralignError(f"training diverged (loss {float(loss.detach())}) at epoch {epoch + 1}, step "
                          f"{i + 1}; lower the learning rate")
@@ -93,7 +106,7 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
           regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
           loss_fn: LossFn | None = None, val_loader=None, device=None, progress: bool = True,
           seed: int = 0, batch_size: int = 128, max_steps: int | None = None,
-          channels_last: bool | None = None) -> History:
+          channels_last: bool | None = None, compile: bool = False) -> History:
     """Train ``model`` in place. Returns the per-epoch history.
 
     ``param_groups`` are dicts with ``params`` and an optional ``lr_scale``: at every step each
@@ -105,7 +118,9 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
     between); False is silent. A DataLoader over a ``TensorDataset`` is read by slicing its
     tensors, in the order the DataLoader itself would give (``iter_batches``).
     ``channels_last``: image batches in channels-last layout (None: on CPU, where it is faster;
-    the model's parameters keep their layout).
+    the model's parameters keep their layout). ``compile=True`` runs the training steps through
+    ``torch.compile(model)``: faster per step once compiled, but compiling takes long on a CPU,
+    so it pays only for long runs (measured in docs/results/loop_speed.md); off by default.
     """
     if epochs < 1:
         raise NeuralignError(f"epochs must be >= 1, got {epochs}")
@@ -133,6 +148,7 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
     if loss_fn is None:
         loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
     after_backward, after_step = _hooks(callbacks, "after_backward"), _hooks(callbacks, "after_step")
+    forward = torch.compile(model) if compile else model
     check_each_step = device.type == "cpu"  # elsewhere a per-step check would sync the device
     torch.manual_seed(seed)
     history = History()
@@ -156,7 +172,7 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
                 f = factor(step)
                 for g in opt.param_groups:  # lr_scale may have been changed by a callback
                     g["lr"] = lr * g["lr_scale"] * f
-                out = model(x)
+                out = _forward(forward, x, compile)
                 loss = loss_fn(out, y)
                 if regularizer is not None:
                     loss = loss + regularizer(model)
