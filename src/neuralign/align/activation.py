@@ -190,7 +190,10 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
         for st, p in users[name]:
             st.update(_units(out_a, p, st.size), _units(out_b, p, st.size))
 
-    cap_a = _Capture(model_a, probes, dev, sink=lambda name, out: held.setdefault(name, []).append(out))
+    def hold(name, out_a):
+        held.setdefault(name, []).append(out_a)
+
+    cap_a = _Capture(model_a, probes, dev, sink=hold)
     cap_b = _Capture(model_b, probes, dev, sink=pair)
     cl = use_channels_last(None, dev)
     seen = 0

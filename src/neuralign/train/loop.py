@@ -71,6 +71,7 @@ def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float,
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     raise NeuralignError(f"optimizer must be sgd, adam or adamw, got {name!r}")
 
+
 def _hooks(callbacks: Sequence, hook: str) -> list[Callable]:
     """The callbacks' ``hook`` methods, looked up once (an empty list costs nothing per step)."""
     return [fn for fn in (getattr(cb, hook, None) for cb in callbacks) if fn is not None]
@@ -86,7 +87,7 @@ def _forward(forward, x, compiled: bool):
         return forward(x)
     try:
         return forward(x)
-    except Exception as exc:  # noqa: BLE001 - compiler failures come in many types
+    except Exception as exc:  # compiler failures come in many types
         if "torch._dynamo" not in type(exc).__module__ and "inductor" not in type(exc).__module__:
             raise
         msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -95,8 +96,8 @@ def _forward(forward, x, compiled: bool):
 
 
 def _diverged(loss: torch.Tensor, epoch: int, i: int):
-    raise NeuralignError(f"training diverged (loss {float(loss.detach())}) at epoch {epoch + 1}, step "
-                         f"{i + 1}; lower the learning rate")
+    raise NeuralignError(f"training diverged (loss {float(loss.detach())}) at epoch {epoch + 1}, "
+                         f"step {i + 1}; lower the learning rate")
 
 
 def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
@@ -147,7 +148,8 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
     factor = _schedule(schedule, total, warmup_steps)
     if loss_fn is None:
         loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
-    after_backward, after_step = _hooks(callbacks, "after_backward"), _hooks(callbacks, "after_step")
+    after_backward = _hooks(callbacks, "after_backward")
+    after_step = _hooks(callbacks, "after_step")
     forward = torch.compile(model) if compile else model
     check_each_step = device.type == "cpu"  # elsewhere a per-step check would sync the device
     torch.manual_seed(seed)
