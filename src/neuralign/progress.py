@@ -64,23 +64,17 @@ class Progress:
     def rate(self) -> float:
         return self.items / max(time.perf_counter() - self.start, 1e-9)
 
-    def report(self, info: str) -> None:
+    def line(self, info: str) -> None:
+        """Report ``info`` now: the bar's text on a terminal, one plain line elsewhere."""
         self.last = time.perf_counter()
         if self.bar is not None:
             self.bar.update(self.task, completed=self.steps, info=info)
-        elif self.lines:
-            self.line(info)
-
-    def line(self, info: str) -> None:
-        """One plain line now (off a terminal; on a terminal the bar shows ``info``)."""
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.steps, info=info)
-            return
         if not self.lines:
             return
-        self.last = time.perf_counter()
         step = f"step {self.steps}/{self.total}, " if self.total else f"step {self.steps}, "
         sys.stderr.write(f"{self.name}: {info}{', ' if info else ''}{step}"
                          f"{self.rate():.0f} {self.unit}/s, {self.last - self.start:.0f} s\n")
         sys.stderr.flush()
         self.printed += 1
+
+    report = line  # what a loop calls when ``advance`` says a report is due
