@@ -74,7 +74,7 @@ def _loader(x, y, shuffle=False, cls=TensorDataset):
                       generator=torch.Generator().manual_seed(0))
 
 
-def hand_train(model, x, y, channels_last=False, step_fn=None):
+def hand_train(model, x, y, step_fn=None):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
@@ -82,8 +82,6 @@ def hand_train(model, x, y, channels_last=False, step_fn=None):
     for i in range(0, len(x), BATCH):
         idx = perm[i:i + BATCH]
         xb, yb = x[idx], y[idx]
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy((model if step_fn is None else step_fn)(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
