@@ -154,3 +154,14 @@ def test_compile_flag_trains_through_torch_compile(monkeypatch):
     assert compiled == [m]
     train(m, (X, Y), epochs=1, batch_size=32, progress=False)
     assert compiled == [m]
+
+
+def test_channels_last_batches_hold_the_same_values():
+    from neuralign.evaluation import to_device
+
+    for x in (torch.randn(4, 1, 5, 6), torch.randn(4, 3, 5, 6)):
+        cl = to_device(x, torch.device("cpu"), channels_last=True)
+        assert torch.equal(cl, x) and cl.is_contiguous(memory_format=torch.channels_last)
+        assert cl.stride()[1] == 1
+    x2 = torch.randn(4, 10)
+    assert to_device(x2, torch.device("cpu"), channels_last=True) is x2

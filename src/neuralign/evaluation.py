@@ -84,7 +84,11 @@ def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False
     """``x`` on ``device``; a 4-D floating-point batch in channels-last layout if asked (a new
     tensor when the layout changes; the values are the same)."""
     if channels_last and x.dim() == 4 and x.is_floating_point():
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        n, c, h, w = x.shape
+        if c == 1 and x.is_contiguous():  # one channel: the same bytes, only the strides differ
+            x = x.as_strided(x.shape, (h * w, 1, w, 1))
+        else:
+            return x.to(device, non_blocking=True, memory_format=torch.channels_last)
     return x.to(device, non_blocking=True)
 
 
