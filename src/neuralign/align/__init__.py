@@ -1,7 +1,7 @@
 """Finding permutations that align one model to another (each result, applied to ``b`` with
 :func:`neuralign.permute.apply_permutation`, aligns it to ``a``)."""
 
-from neuralign.align.activation import ActivationStats, activation_matching
+from neuralign.align.activation import ActivationStats, activation_matching, activation_statistics
 from neuralign.align.api import METHODS, align_models, l2_distance
 from neuralign.align.many import align_many, align_to_mean
 from neuralign.align.sinkhorn import sinkhorn_matching
@@ -15,6 +15,7 @@ __all__ = [
            "ActivationStats",
            "Permutation",
            "activation_matching",
+           "activation_statistics",
            "align_many",
            "align_models",
            "align_to_mean",

@@ -5,6 +5,7 @@ correlation (Li et al.; REPAIR; SHERPA) or the cross-covariance (Git Re-Basin §
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 
 import torch
@@ -12,11 +13,12 @@ from torch import fx, nn
 
 from neuralign.align.weight import _State, check_same_architecture, solve_lap, weight_matching
 from neuralign.errors import DataError, SpecError
+from neuralign.evaluation import iter_batches, to_device, use_channels_last
 from neuralign.spec import spec_from_model
 from neuralign.spec.core import Permutation, PermutationSpec, Probe
 from neuralign.spec.trace import trace_model
 
-__all__ = ["ActivationStats", "activation_matching", "first_input"]
+__all__ = ["ActivationStats", "activation_matching", "activation_statistics", "first_input"]
 
 
 def first_input(batch):
@@ -43,26 +45,39 @@ def _units(t: torch.Tensor, probe: Probe, size: int) -> torch.Tensor:
     return t.reshape(shape).movedim(dim + 1, -1).reshape(-1, size)
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm, wanted, sink):
-        super().__init__(gm)
-        self.wanted, self.sink = wanted, sink
+class _Tap(nn.Module):
+    """Inserted after each probed node of the traced model: hands the value to ``sink``."""
 
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.wanted:
-            self.sink[n.name] = out
-        return out
+    def __init__(self, sink):
+        super().__init__()
+        self.sink = sink
+
+    def forward(self, value, name: str):
+        self.sink(name, value)
+        return value
+
+
+def _tapped(gm: fx.GraphModule, names: set[str], sink) -> fx.GraphModule:
+    """``gm`` with a call to a ``_Tap`` after every node in ``names`` (compiled Python code,
+    no per-node interpretation)."""
+    gm.add_submodule("_neuralign_tap", _Tap(sink))
+    for node in list(gm.graph.nodes):
+        if node.name in names:
+            with gm.graph.inserting_after(node):
+                gm.graph.call_module("_neuralign_tap", (node, node.name))
+    gm.recompile()
+    return gm
 
 
 class _Capture:
-    """Runs a (copied) model on a batch and returns ``probe name -> activation``."""
+    """Runs a (copied) model on a batch and hands each probe's activation to ``sink(name,
+    activation)`` as soon as it is computed (nothing is kept here)."""
 
-    def __init__(self, model: nn.Module, probes: list[Probe], device=None):
+    def __init__(self, model: nn.Module, probes: list[Probe], device=None, sink=None):
         self.model = copy.deepcopy(model).eval()
         if device is not None:
             self.model.to(device)
-        self.sink: dict = {}
+        self.sink = sink
         node_names = {p.name for p in probes if p.kind == "node"}
         mods = dict(self.model.named_modules())
         for p in probes:
@@ -78,36 +93,43 @@ class _Capture:
             if missing:
                 raise SpecError(f"probe node {min(missing)!r} is not in the traced model; "
                                 "derive the spec from this model")
-            self.runner = _Recorder(gm, node_names, self.sink)
+            self.runner = _tapped(gm, node_names, self.sink)
 
     def _hook(self, name):
         def fn(_m, _i, out):
-            self.sink[name] = out
+            self.sink(name, out)
         return fn
 
-    @torch.no_grad()
-    def __call__(self, x) -> dict:
-        self.sink.clear()
-        if self.runner is not None:
-            self.runner.run(x)
-        else:
-            self.model(**x) if isinstance(x, dict) else self.model(x)
-        return dict(self.sink)
+    def __call__(self, x) -> None:
+        with torch.inference_mode():
+            if self.runner is not None:
+                self.runner(x)
+            else:
+                self.model(**x) if isinstance(x, dict) else self.model(x)
 
 
 class ActivationStats:
-    """Streaming first and second moments of paired unit activations (float64 sums)."""
+    """Streaming first and second moments of paired unit activations.
+
+    Each batch is centred on a fixed per-unit shift (the first batch's means), its sums and
+    cross-products are taken in the activations' precision (one GEMM) and added to float64
+    totals: exact up to float32 rounding within a batch, with no cancellation from large means.
+    """
 
     def __init__(self, size: int):
-        self.n = 0
-        self.sa = torch.zeros(size, dtype=torch.float64)
-        self.sb = torch.zeros(size, dtype=torch.float64)
-        self.saa = torch.zeros(size, dtype=torch.float64)
-        self.sbb = torch.zeros(size, dtype=torch.float64)
-        self.sab = torch.zeros(size, size, dtype=torch.float64)
+        self.size, self.n = size, 0
+        self.sa = self.sb = self.saa = self.sbb = self.sab = None
+        self.shift_a = self.shift_b = None
 
     def update(self, za: torch.Tensor, zb: torch.Tensor) -> None:
-        za, zb = za.double().cpu(), zb.double().cpu()
+        za, zb = za.float(), zb.float()
+        if self.shift_a is None:
+            self.shift_a, self.shift_b = za.mean(0), zb.mean(0)
+            dev = za.device
+            self.sa, self.sb, self.saa, self.sbb = (
+                torch.zeros(self.size, dtype=torch.float64, device=dev) for _ in range(4))
+            self.sab = torch.zeros(self.size, self.size, dtype=torch.float64, device=dev)
+        za, zb = za - self.shift_a, zb - self.shift_b
         self.n += za.shape[0]
         self.sa += za.sum(0)
         self.sb += zb.sum(0)
@@ -115,14 +137,19 @@ class ActivationStats:
         self.sbb += (zb * zb).sum(0)
         self.sab += za.T @ zb
 
+    def _moments(self):
+        if self.n == 0:
+            raise DataError("no activations were recorded; is the loader empty?")
+        return self.sa / self.n, self.sb / self.n
+
     def cov(self) -> torch.Tensor:
-        ma, mb = self.sa / self.n, self.sb / self.n
-        return self.sab / self.n - torch.outer(ma, mb)
+        ma, mb = self._moments()
+        return (self.sab / self.n - torch.outer(ma, mb)).cpu()
 
     def corr(self) -> torch.Tensor:
-        ma, mb = self.sa / self.n, self.sb / self.n
-        va = (self.saa / self.n - ma * ma).clamp_min(0)
-        vb = (self.sbb / self.n - mb * mb).clamp_min(0)
+        ma, mb = self._moments()
+        va = (self.saa / self.n - ma * ma).clamp_min(0).cpu()
+        vb = (self.sbb / self.n - mb * mb).clamp_min(0).cpu()
         denom = torch.outer(va.sqrt(), vb.sqrt())
         c = self.cov() / denom.clamp_min(1e-12)
         return torch.where(denom > 1e-12, c, torch.zeros_like(c))
@@ -137,6 +164,50 @@ def _run_batch(capture, x, which):
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise DataError(f"model {which} cannot run on a loader batch of shape {shape} "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+
+
+def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec: PermutationSpec,
+                          *, max_batches: int | None = None, device=None):
+    """One pass over ``batches`` (a loader): per group and probe, the streaming
+    ``ActivationStats`` of the two models' activations. Returns ``(stats, batches seen)``.
+
+    For each batch model A runs first and keeps its probes' outputs; model B's probes then add
+    each pair to the statistics as soon as they are computed, and A's copy is dropped. Nothing
+    outlives the batch."""
+    probes = list(dict.fromkeys(p for g in spec.groups.values() for p in g.probes))
+    dev = torch.device(device) if device is not None else next(model_a.parameters()).device
+    stats = {(n, i): ActivationStats(g.size) for n, g in spec.groups.items()
+             for i, _ in enumerate(g.probes)}
+    users: dict[str, list] = {}
+    for (n, i), st in stats.items():
+        p = spec.groups[n].probes[i]
+        users.setdefault(p.name, []).append((st, p))
+    held: dict[str, list] = {}  # A's outputs of this batch not yet paired (a module called
+    # twice in a forward pairs call k of A with call k of B)
+
+    def pair(name, out_b):
+        out_a = held[name].pop(0)
+        for st, p in users[name]:
+            st.update(_units(out_a, p, st.size), _units(out_b, p, st.size))
+
+    def hold(name, out_a):
+        held.setdefault(name, []).append(out_a)
+
+    cap_a = _Capture(model_a, probes, dev, sink=hold)
+    cap_b = _Capture(model_b, probes, dev, sink=pair)
+    cl = use_channels_last(None, dev)
+    seen = 0
+    for b in iter_batches(batches):
+        if max_batches is not None and seen >= max_batches:
+            break
+        x = first_input(b)
+        x = (to_device(x, dev, cl) if isinstance(x, torch.Tensor)
+             else {k: v.to(dev) for k, v in x.items()})
+        _run_batch(cap_a, x, "A")
+        _run_batch(cap_b, x, "B")
+        held.clear()
+        seen += 1
+    return stats, seen
 
 
 def activation_matching(model_a: nn.Module, model_b: nn.Module, loader, method: str = "corr",
@@ -156,7 +227,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, loader, method: 
         raise ValueError(f"method must be 'corr' or 'cov', got {method!r}")
     t0 = time.perf_counter()
     check_same_architecture(model_a.state_dict(), model_b.state_dict())
-    it = iter(loader)
+    it = iter_batches(loader)
     try:
         batch = next(it)
     except StopIteration:
@@ -164,29 +235,9 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, loader, method: 
     x0 = first_input(batch)
     if spec is None:
         spec = spec_from_model(model_a, x0 if not isinstance(x0, dict) else None)
-    probes = list(dict.fromkeys(p for g in spec.groups.values() for p in g.probes))
     dev = torch.device(device) if device is not None else next(model_a.parameters()).device
-    cap_a, cap_b = _Capture(model_a, probes, dev), _Capture(model_b, probes, dev)
-    stats = {(n, i): ActivationStats(g.size) for n, g in spec.groups.items()
-             for i, _ in enumerate(g.probes)}
-    batches = 0
-
-    def consume(b):
-        x = first_input(b)
-        x = x.to(dev) if isinstance(x, torch.Tensor) else {k: v.to(dev) for k, v in x.items()}
-        acts_a, acts_b = _run_batch(cap_a, x, "A"), _run_batch(cap_b, x, "B")
-        for (n, i), st in stats.items():
-            p = spec.groups[n].probes[i]
-            st.update(_units(acts_a[p.name], p, st.sa.numel()),
-                      _units(acts_b[p.name], p, st.sa.numel()))
-
-    consume(batch)
-    batches += 1
-    for b in it:
-        if max_batches is not None and batches >= max_batches:
-            break
-        consume(b)
-        batches += 1
+    stats, batches = activation_statistics(model_a, model_b, itertools.chain([batch], it), spec,
+                                           max_batches=max_batches, device=dev)
     perm = Permutation.identity(spec)
     scores: dict[str, torch.Tensor] = {}
     before, after = {}, {}

@@ -63,7 +63,8 @@ def align_models(a: nn.Module, b: nn.Module, method: str = "weight", loader=None
     if method in ("activation", "corr", "cov", "ste") and loader is None:
         raise DataError(f"method {method!r} needs data: pass a loader (CLI: --data)")
     if method == "weight":
-        perm = weight_matching(spec, a, b, max_iter=max_iter, seed=seed, restarts=restarts)
+        perm = weight_matching(spec, a, b, max_iter=max_iter, seed=seed, restarts=restarts,
+                               **options)  # e.g. tol=0 for full convergence
     elif method in ("activation", "corr", "cov"):
         perm = activation_matching(a, b, loader, method="cov" if method == "cov" else "corr",
                                    spec=spec, seed=seed, **options)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from neuralign.errors import DataError
+from neuralign.evaluation import iter_batches, to_device, use_channels_last
 from neuralign.merge._util import (
     ModelLike,
     as_state_dict,
@@ -76,12 +77,14 @@ def reset_bn(model: nn.Module, loader: Iterable, *, max_batches: int | None = No
     model.train()
     dev = device_of(model)
     n = 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, _ = split_batch(batch)
-        model(x.to(dev))
-        n += 1
+    cl = use_channels_last(None, dev)
+    with torch.no_grad():  # statistics only: no autograd graph
+        for i, batch in enumerate(iter_batches(loader)):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, _ = split_batch(batch)
+            model(to_device(x, dev, cl))
+            n += 1
     if n == 0:
         raise DataError("the data loader yielded no batches; pass a non-empty loader to reset_bn")
     for m, (mom, trs) in zip(bns, saved):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from neuralign.errors import DataError
+from neuralign.evaluation import iter_batches
 from neuralign.merge._util import (
     as_state_dict,
     check_finite,
@@ -43,7 +44,7 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, n_examples: int = 256
     per_ex = vmap(grad(logp), in_dims=(None, 0, 0))
     acc = {k: torch.zeros_like(v) for k, v in params.items()}
     n = 0
-    for batch in loader:
+    for batch in iter_batches(loader):
         if n >= n_examples:
             break
         x, y = split_batch(batch)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from neuralign.errors import DataError, NeuralignError
+from neuralign.evaluation import iter_batches, to_device, use_channels_last
 from neuralign.merge._util import as_state_dict, check_same_architecture, device_of, split_batch
 from neuralign.merge.basic import _NORMS
 
@@ -95,56 +96,98 @@ def default_targets(model: nn.Module, example: torch.Tensor) -> list[str]:
     return result
 
 
-def _flat(y: torch.Tensor, dim: int) -> torch.Tensor:
-    return y.movedim(dim, -1).reshape(-1, y.shape[dim])
+def batch_moments(y: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of ``y`` over every dim but ``dim``, two passes in
+    ``y``'s precision on a ``(samples, channels)`` view (a view for channels-last convolution
+    outputs and linear layers; ``torch.var_mean`` over several dims is many times slower)."""
+    z = y.movedim(dim, -1).reshape(-1, y.shape[dim])
+    mean = z.mean(0)
+    zc = z - mean
+    return mean, (zc * zc).mean(0)
 
 
-@torch.no_grad()
-def _forward_all(model: nn.Module, loader: Iterable, max_batches: int | None) -> None:
-    """Feed the inputs of (at most ``max_batches`` of) ``loader`` through ``model``, so that its
-    hooks (or batch-norm layers) see them."""
-    dev = device_of(model)
-    for i, batch in enumerate(loader):
+class ChannelMoments:
+    """Streaming per-channel mean and variance: each batch's moments (in the activations'
+    precision) merged into float64 totals with Chan et al.'s pairwise update, so large
+    means cost no precision."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def update(self, y: torch.Tensor, dim: int) -> None:
+        nb = y.numel() // y.shape[dim]
+        mean, var = batch_moments(y, dim)
+        mean, var = mean.double(), var.double()
+        if self.mean is None:
+            self.n, self.mean, self.m2 = nb, mean, var * nb
+            return
+        tot = self.n + nb
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (nb / tot)
+        self.m2 = self.m2 + var * nb + delta * delta * (self.n * nb / tot)
+        self.n = tot
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean.float(), (self.m2 / self.n).clamp_min(0).sqrt().float()
+
+
+def _batches(loader: Iterable, max_batches: int | None, device=None):
+    """The inputs of (at most ``max_batches`` of) ``loader``; on ``device`` when given, image
+    batches there in channels-last layout on CPU (as the training loop)."""
+    cl = device is not None and use_channels_last(None, device)
+    for i, batch in enumerate(iter_batches(loader)):
         if max_batches is not None and i >= max_batches:
             break
-        x, _ = split_batch(batch)
-        model(x.to(dev))
+        x = split_batch(batch)[0]
+        yield x if device is None else to_device(x, device, cl)
+
+
+def _forward_all(model: nn.Module, loader: Iterable, max_batches: int | None) -> None:
+    """Feed the inputs of (at most ``max_batches`` of) ``loader`` through ``model``, so that its
+    hooks (or batch-norm layers) see them (no autograd graph)."""
+    with torch.no_grad():
+        for x in _batches(loader, max_batches, device_of(model)):
+            model(x)
+
+
+def channel_stats_many(models: Sequence[nn.Module], loader: Iterable, names: Sequence[str],
+                       max_batches: int | None = None
+                       ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per-channel mean and standard deviation of the outputs of ``names`` in each model (eval
+    mode), in one pass over ``loader``: every batch goes through all the models in turn, and
+    hooks fold each output into running moments as it is computed."""
+    accs: list[dict[str, ChannelMoments]] = [{} for _ in models]
+    handles, modes = [], [m.training for m in models]
+
+    def hook(acc, name, dim):
+        def f(mod, inp, out):
+            acc.setdefault(name, ChannelMoments()).update(out, dim)
+        return f
+
+    for model, acc in zip(models, accs):
+        mods = dict(model.named_modules())
+        for n in names:
+            handles.append(mods[n].register_forward_hook(hook(acc, n, _channel_dim(mods[n]))))
+        model.eval()
+    try:
+        with torch.inference_mode():
+            for x in _batches(loader, max_batches, device_of(models[0])):
+                for model in models:
+                    model(x.to(device_of(model)))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, was in zip(models, modes):
+            m.train(was)
+    if not accs[0]:
+        raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
+    return [{n: acc[n].mean_std() for n in names} for acc in accs]
 
 
 def channel_stats(model: nn.Module, loader: Iterable, names: Sequence[str],
                   max_batches: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and standard deviation of the outputs of ``names`` (eval mode)."""
-    mods = dict(model.named_modules())
-    acc: dict[str, list] = {}
-    handles = []
-
-    def hook(name, dim):
-        def f(mod, inp, out):
-            z = _flat(out.double(), dim)
-            s = acc.setdefault(name, [0.0, 0.0, 0])
-            s[0] = s[0] + z.sum(0)
-            s[1] = s[1] + (z * z).sum(0)
-            s[2] += z.shape[0]
-        return f
-
-    for n in names:
-        handles.append(mods[n].register_forward_hook(hook(n, _channel_dim(mods[n]))))
-    was = model.training
-    model.eval()
-    try:
-        _forward_all(model, loader, max_batches)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    if not acc:
-        raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
-    out = {}
-    for n, (s1, s2, c) in acc.items():
-        mean = s1 / c
-        var = (s2 / c - mean * mean).clamp_min(0)
-        out[n] = (mean.float(), var.sqrt().float())
-    return out
+    return channel_stats_many([model], loader, names, max_batches)[0]
 
 
 def _fold(m: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
@@ -179,18 +222,14 @@ def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: f
     c = copy.deepcopy(merged)
     mods = dict(c.named_modules())
     if targets is None:
-        x0 = None
-        for batch in loader:
-            x0, _ = split_batch(batch)
-            break
+        x0 = next(_batches(loader, 1), None)
         if x0 is None:
             raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
         targets = default_targets(c, x0.to(device_of(c)))
     bad = [n for n in targets if n not in mods or not _foldable(mods[n])]
     if bad:
         raise NeuralignError(f"cannot REPAIR modules {bad[:3]}: not a Conv/Linear/affine norm layer")
-    sa = channel_stats(a, loader, targets, max_batches)
-    sb = channel_stats(b, loader, targets, max_batches)
+    sa, sb = channel_stats_many([a, b], loader, targets, max_batches)
     goal = {n: ((1 - t) * sa[n][0] + t * sb[n][0], (1 - t) * sa[n][1] + t * sb[n][1]) for n in targets}
 
     run: dict[str, list] = {}
@@ -198,9 +237,8 @@ def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: f
 
     def hook(name, dim):
         def f(mod, inp, out):
-            z = _flat(out, dim)
-            mu, var = z.mean(0), z.var(0, unbiased=False)
-            nb = z.shape[0]
+            mu, var = batch_moments(out, dim)
+            nb = out.numel() // out.shape[dim]
             r = run.setdefault(name, [0.0, 0.0, 0])
             r[0] = r[0] + mu.double()
             r[1] = r[1] + var.double() * nb / max(nb - 1, 1)
@@ -210,7 +248,7 @@ def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: f
             shift = gm.to(out.dtype) - mu * scale
             shape = [1] * out.dim()
             shape[dim] = -1
-            return out * scale.view(shape) + shift.view(shape)
+            return torch.addcmul(shift.view(shape), out, scale.view(shape))
         return f
 
     for n in targets:

@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuralign.errors import DataError, NeuralignError
-from neuralign.evaluation import LossFn, as_loader, evaluate, predict  # noqa: F401 - re-exported
+from neuralign.evaluation import (  # noqa: F401 - re-exported
+    LossFn,
+    as_loader,
+    evaluate,
+    iter_batches,
+    predict,
+    to_device,
+    use_channels_last,
+)
+from neuralign.progress import Progress
 from neuralign.utils import model_device, split_batch
 
 
@@ -63,25 +72,32 @@ def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float,
     raise NeuralignError(f"optimizer must be sgd, adam or adamw, got {name!r}")
 
 
-def _call(callbacks: Sequence, hook: str, *args) -> None:
-    for cb in callbacks:
-        fn = getattr(cb, hook, None)
-        if fn is not None:
-            fn(*args)
+def _hooks(callbacks: Sequence, hook: str) -> list[Callable]:
+    """The callbacks' ``hook`` methods, looked up once (an empty list costs nothing per step)."""
+    return [fn for fn in (getattr(cb, hook, None) for cb in callbacks) if fn is not None]
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+def _call(fns: Sequence[Callable], *args) -> None:
+    for fn in fns:
+        fn(*args)
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not enabled,
-                    transient=True)
+
+def _forward(forward, x, compiled: bool):
+    if not compiled:
+        return forward(x)
+    try:
+        return forward(x)
+    except Exception as exc:  # compiler failures come in many types
+        if "torch._dynamo" not in type(exc).__module__ and "inductor" not in type(exc).__module__:
+            raise
+        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise NeuralignError(f"torch.compile cannot compile this model ({msg}); train without "
+                             "compile=True") from None
+
+
+def _diverged(loss: torch.Tensor, epoch: int, i: int):
+    raise NeuralignError(f"training diverged (loss {float(loss.detach())}) at epoch {epoch + 1}, "
+                         f"step {i + 1}; lower the learning rate")
 
 
 def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
@@ -90,12 +106,22 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
           param_groups: list[dict] | None = None, callbacks: Iterable = (),
           regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
           loss_fn: LossFn | None = None, val_loader=None, device=None, progress: bool = True,
-          seed: int = 0, batch_size: int = 128, max_steps: int | None = None) -> History:
+          seed: int = 0, batch_size: int = 128, max_steps: int | None = None,
+          channels_last: bool | None = None, compile: bool = False) -> History:
     """Train ``model`` in place. Returns the per-epoch history.
 
     ``param_groups`` are dicts with ``params`` and an optional ``lr_scale``: at every step each
     group's rate is ``lr * lr_scale * schedule(step)``, read afresh, so callbacks may change
     ``lr_scale`` in place without rebuilding the optimizer.
+
+    ``device``: where to train (the model is moved there, batches follow). ``progress``: a bar
+    on a terminal, plain lines on stderr elsewhere (one per epoch and at most one every 10 s in
+    between); False is silent. A DataLoader over a ``TensorDataset`` is read by slicing its
+    tensors, in the order the DataLoader itself would give (``iter_batches``).
+    ``channels_last``: image batches in channels-last layout (None: on CPU, where it is faster;
+    the model's parameters keep their layout). ``compile=True`` runs the training steps through
+    ``torch.compile(model)``: faster per step once compiled, but compiling takes long on a CPU,
+    so it pays only for long runs (measured in docs/results/loop_speed.md); off by default.
     """
     if epochs < 1:
         raise NeuralignError(f"epochs must be >= 1, got {epochs}")
@@ -105,6 +131,7 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
     if len(loader) == 0:
         raise DataError("the training loader yields no batches; is the data set empty?")
     device = torch.device(device) if device is not None else model_device(model)
+    cl = use_channels_last(channels_last, device)
     model.to(device)
     callbacks = list(callbacks)
     if param_groups is None:
@@ -121,55 +148,65 @@ def train(model: nn.Module, loader, *, epochs: int = 10, lr: float = 0.05,
     factor = _schedule(schedule, total, warmup_steps)
     if loss_fn is None:
         loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
+    after_backward = _hooks(callbacks, "after_backward")
+    after_step = _hooks(callbacks, "after_step")
+    forward = torch.compile(model) if compile else model
+    check_each_step = device.type == "cpu"  # elsewhere a per-step check would sync the device
     torch.manual_seed(seed)
     history = History()
     start = time.perf_counter()
     step = 0
-    _call(callbacks, "on_train_start", model, opt)
-    with _progress(progress) as bar:
-        task = bar.add_task("train", total=total, info="")
+    _call(_hooks(callbacks, "on_train_start"), model, opt)
+    with Progress("train", total, progress) as prog:
         for epoch in range(epochs):
             model.train()
-            _call(callbacks, "on_epoch_start", model, opt, epoch)
-            loss_sum, correct, seen = 0.0, 0, 0
-            for i, batch in enumerate(loader):
+            _call(_hooks(callbacks, "on_epoch_start"), model, opt, epoch)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen, classify = 0, True
+            for i, batch in enumerate(iter_batches(loader)):
                 if i >= steps_per_epoch:
                     break
                 x, y = split_batch(batch)
                 if y is None:
                     raise DataError("each training batch must be an (inputs, targets) pair")
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_device(x, device, cl), y.to(device, non_blocking=True)
                 f = factor(step)
-                for g in opt.param_groups:
+                for g in opt.param_groups:  # lr_scale may have been changed by a callback
                     g["lr"] = lr * g["lr_scale"] * f
-                out = model(x)
+                out = _forward(forward, x, compile)
                 loss = loss_fn(out, y)
                 if regularizer is not None:
                     loss = loss + regularizer(model)
-                if not torch.isfinite(loss):
-                    raise NeuralignError(f"training diverged (loss {loss.item()}) at epoch "
-                                         f"{epoch + 1}, step {i + 1}; lower the learning rate")
+                if check_each_step and not torch.isfinite(loss):
+                    _diverged(loss, epoch, i)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                _call(callbacks, "after_backward", model, opt)
+                _call(after_backward, model, opt)
                 opt.step()
-                _call(callbacks, "after_step", model, opt)
+                _call(after_step, model, opt)
                 n = y.shape[0]
-                loss_sum += loss.item() * n
                 seen += n
+                loss_sum += loss.detach() * n
                 classify = y.dtype == torch.int64 and out.dim() == 2
                 if classify:
-                    correct += (out.argmax(1) == y).sum().item()
+                    correct += (out.detach().argmax(1) == y).sum()
                 step += 1
-                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} "
-                                                 f"loss {loss_sum / seen:.3f}")
-            metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
-                       "train_accuracy": correct / seen if classify else float("nan")}
+                if prog.advance(n):
+                    prog.report(f"epoch {epoch + 1}/{epochs}, loss {float(loss_sum) / seen:.4f}")
+            train_loss = float(loss_sum) / seen
+            if not math.isfinite(train_loss):
+                _diverged(loss_sum, epoch, i)
+            metrics = {"epoch": epoch + 1, "train_loss": train_loss,
+                       "train_accuracy": int(correct) / seen if classify else float("nan")}
             if val_loader is not None:
-                ev = evaluate(model, val_loader, loss_fn=loss_fn, device=device)
+                ev = evaluate(model, val_loader, loss_fn=loss_fn, device=device, progress=False,
+                              channels_last=cl)
                 metrics.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
             history.epochs.append(metrics)
-            _call(callbacks, "on_epoch_end", model, opt, epoch, metrics)
+            prog.line(f"epoch {epoch + 1}/{epochs}, " + ", ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))
+            _call(_hooks(callbacks, "on_epoch_end"), model, opt, epoch, metrics)
     history.seconds = time.perf_counter() - start
     model.eval()
     return history

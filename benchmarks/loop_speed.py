@@ -1,0 +1,333 @@
+"""neuralign's loops against minimal hand-written ones on the same in-memory tensors.
+
+Per model (MLP, VGG-11 x0.25 BN, ResNet-20 x1 and x4 BN; Fashion-MNIST 28x28, a class-balanced
+subset of the training images per model so that a unit takes minutes on one core):
+
+* train: one epoch of ``neuralign.train`` (SGD + Nesterov momentum, cosine schedule, batch 128,
+  a shuffling DataLoader over a TensorDataset) vs a hand loop (a seeded permutation, index
+  slicing, forward / cross-entropy / backward / step). Also ``train`` made to read the data
+  through the DataLoader (a TensorDataset subclass turns the slicing path off), for reference.
+* evaluate: ``neuralign.evaluate`` vs a hand loop under ``torch.inference_mode``.
+* statistics passes vs plain forward passes (inference mode, same batches) of the models they
+  run: activation matching (2 models), REPAIR (3), BN reset (1), diagonal Fisher (1, needs
+  per-example gradients), layer-by-layer CKA (2).
+* VGG-11 and ResNet-20 x1: ``train`` with channels-last batches (its CPU default) against
+  without; ResNet-20 x1: ``torch.compile`` in the hand loop (is it worth offering?). The hand
+  loops index the data tensors as they are: Fashion-MNIST's ``(N, 1, 28, 28)`` tensors have
+  channels-last strides, so their batches are channels-last too.
+
+Each unit runs in its own worker process with one torch thread (``benchmarks/_parallel.py``);
+inside a unit the variants are interleaved (A, B, A, B, ...) and the medians compared, so each
+ratio is measured in one process under the same load. Ratios: neuralign time / hand time.
+
+    .venv/bin/python benchmarks/loop_speed.py [--models mlp,resnet20x1] [--repeats 3] [--rerun]
+
+Writes docs/results/loop_speed.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _parallel import available_cores, run_units
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
+VERSION = "2"
+MODELS = {  # name: (get_model name, kwargs, training images, images for the passes, repeats)
+    "mlp": ("mlp", {"width": 512, "depth": 3}, 16384, 4096, 3),
+    "vgg11": ("vgg11", {"width": 0.25, "norm": "bn"}, 2048, 512, 3),
+    "resnet20x1": ("resnet20", {"width": 1, "norm": "bn"}, 512, 256, 3),
+    "resnet20x4": ("resnet20", {"width": 4, "norm": "bn"}, 256, 64, 3),
+}
+FISHER_EXAMPLES = 64  # per-example gradients: the Fisher pass sees at most this many images
+CKA_EXAMPLES = 512  # layer_cka's default: CKA compares Gram matrices over this many images
+BATCH = 128
+
+
+class _ViaDataLoader(TensorDataset):
+    """Same tensors; being a subclass, the loops read it through the DataLoader."""
+
+
+def _model(name, seed):
+    from neuralign.models import get_model
+
+    arch, kw = MODELS[name][:2]
+    torch.manual_seed(seed)
+    return get_model(arch, num_classes=10, in_channels=1, image_size=28, **kw)
+
+
+def _loader(x, y, shuffle=False, cls=TensorDataset):
+    return DataLoader(cls(x, y), batch_size=BATCH, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def hand_train(model, x, y, step_fn=None):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    for i in range(0, len(x), BATCH):
+        idx = perm[i:i + BATCH]
+        xb, yb = x[idx], y[idx]
+        loss = F.cross_entropy((model if step_fn is None else step_fn)(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def ours_train(model, x, y, cls=TensorDataset, **kw):
+    from neuralign.train import train
+
+    t0 = time.perf_counter()
+    train(model, _loader(x, y, True, cls), epochs=1, lr=0.01, progress=False, **kw)
+    return time.perf_counter() - t0
+
+
+def hand_forward(model, x, y=None):
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(x), BATCH):
+            out = model(x[i:i + BATCH])
+            if y is not None:
+                F.cross_entropy(out, y[i:i + BATCH]), (out.argmax(1) == y[i:i + BATCH]).sum()
+    return time.perf_counter() - t0
+
+
+def ours_evaluate(model, x, y):
+    from neuralign.train import evaluate
+
+    t0 = time.perf_counter()
+    evaluate(model, _loader(x, y))  # silent unless it takes > 10 s off a terminal
+    return time.perf_counter() - t0
+
+
+def timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    fn(*args, **kw)
+    return time.perf_counter() - t0
+
+
+def interleave(variants: dict, repeats: int) -> dict:
+    """Run each variant ``repeats`` times, interleaved; medians in seconds."""
+    times = {k: [] for k in variants}
+    for _ in range(repeats):
+        for k, fn in variants.items():
+            times[k].append(fn())
+    return {k: {"median_s": statistics.median(v), "runs_s": v} for k, v in times.items()}
+
+
+def passes(name, a, b, x, y, repeats):
+    from neuralign.align import activation_matching
+
+    try:
+        from neuralign.align import activation_statistics
+    except ImportError:  # an older tree (--before)
+        activation_statistics = None
+    from neuralign.landscape import layer_cka
+    from neuralign.merge import fisher_diagonal, repair, reset_bn
+    from neuralign.spec import spec_from_model
+
+    a.eval(), b.eval()
+    loader = _loader(x, y)
+    spec = spec_from_model(a, x[:2])
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
+    nf, nc = min(len(x), FISHER_EXAMPLES), min(len(x), CKA_EXAMPLES)
+    todo = {  # pass: (function, how many plain forwards it is compared with, images)
+        "activation statistics": (lambda: activation_statistics(a, b, loader, spec), 2, len(x)),
+        "activation matching (+ LAPs)": (lambda: activation_matching(a, b, loader, spec=spec),
+                                         2, len(x)),
+        "REPAIR": (lambda: repair(a, b, copy.deepcopy(a), loader), 3, len(x)),
+        "BN reset": (lambda: reset_bn(a, loader), 1, len(x)) if has_bn else None,
+        "Fisher (diagonal)": (lambda: fisher_diagonal(a, loader, n_examples=nf), 1, nf),
+        "CKA (layer x layer)": (lambda: layer_cka(a, b, loader, n_examples=nc), 2, nc),
+    }
+    if activation_statistics is None:  # an older tree (--before)
+        del todo["activation statistics"]
+    out = {}
+    for pname, item in todo.items():
+        if item is None:
+            continue
+        fn, k, n = item
+        r = interleave({"forward": lambda n=n: hand_forward(a, x[:n]),
+                        "pass": lambda fn=fn: timed(fn)}, repeats)
+        out[pname] = {"forwards": k, "images": n, "forward_s": r["forward"]["median_s"],
+                      "pass_s": r["pass"]["median_s"],
+                      "ratio": r["pass"]["median_s"] / (k * r["forward"]["median_s"])}
+    return out
+
+
+def experiments(a, x, y, repeats, compile_too):
+    """neuralign's training with and without channels-last batches; torch.compile in the hand
+    loop (steady state after a compiling warm-up)."""
+    res = {}
+    m1, m2 = copy.deepcopy(a), copy.deepcopy(a)
+    r = interleave({"canonical": lambda: ours_train(m1, x, y, channels_last=False),
+                    "channels_last": lambda: ours_train(m2, x, y, channels_last=True)}, repeats)
+    res["channels_last_ratio"] = r["channels_last"]["median_s"] / r["canonical"]["median_s"]
+    if not compile_too:
+        return res
+    try:
+        m3, m4 = copy.deepcopy(a), copy.deepcopy(a)
+        compiled = torch.compile(m3)
+        t0 = time.perf_counter()
+        hand_train(m3, x[:BATCH], y[:BATCH], step_fn=compiled)  # compiles
+        res["compile_s"] = time.perf_counter() - t0
+        r = interleave({"plain": lambda: hand_train(m4, x, y),
+                        "compiled": lambda: hand_train(m3, x, y, step_fn=compiled)}, repeats)
+        res["compiled_ratio"] = r["compiled"]["median_s"] / r["plain"]["median_s"]
+        gain = r["plain"]["median_s"] - r["compiled"]["median_s"]
+        res["compile_breakeven_epochs"] = res["compile_s"] / gain if gain > 0 else None
+    except Exception as exc:  # noqa: BLE001 - report what happens on this machine
+        res["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    return res
+
+
+def unit(u):
+    from neuralign.data import load_fashion_mnist
+
+    name = u["model"]
+    n_train, n_pass = (max(BATCH // 2, int(n * u["scale"])) for n in MODELS[name][2:4])
+    repeats = u["repeats"] or MODELS[name][4]
+    sp = load_fashion_mnist(subset=n_train)
+    x, y = sp.train.tensors
+    row = {"model": name, "n_train": len(x), "n_pass": n_pass, "threads": torch.get_num_threads(),
+           "load_start": os.getloadavg()[0]}
+    a, b = _model(name, 0), _model(name, 1)
+    hand_train(copy.deepcopy(a), x[:2 * BATCH], y[:2 * BATCH])  # warm-up
+    ma, mb, mc = (copy.deepcopy(a) for _ in range(3))
+    row["train"] = interleave({"hand": lambda: hand_train(ma, x, y),
+                               "neuralign": lambda: ours_train(mb, x, y),
+                               "via DataLoader": lambda: ours_train(mc, x, y, _ViaDataLoader)},
+                              repeats)
+    row["evaluate"] = interleave({"hand": lambda: hand_forward(a, x, y),
+                                  "neuralign": lambda: ours_evaluate(a, x, y)}, repeats)
+    row["passes"] = passes(name, a, b, x[:n_pass], y[:n_pass], repeats)
+    if u.get("experiments"):
+        row["experiments"] = experiments(a, x, y, repeats, compile_too=name == "resnet20x1")
+    row["load_end"] = os.getloadavg()[0]
+    return row
+
+
+def _before():
+    """Ratios recorded by ``--before`` (the code before this benchmark's changes), if any."""
+    path = OUT / "loop_speed_before.json"
+    if not path.exists():
+        return {}
+    out = {}
+    for r in json.loads(path.read_text()):
+        t, e = r["train"], r["evaluate"]
+        out[(r["model"], "train")] = t["neuralign"]["median_s"] / t["hand"]["median_s"]
+        out[(r["model"], "evaluate")] = e["neuralign"]["median_s"] / e["hand"]["median_s"]
+        for p, v in r["passes"].items():
+            out[(r["model"], p)] = v["ratio"]
+    return out
+
+
+def write(rows, args, wall):
+    OUT.mkdir(parents=True, exist_ok=True)
+    before = _before()
+
+    def was(model, what):
+        v = before.get((model, what))
+        return f"{v:.3f}" if v is not None else "—"
+    loads = [r[k] for r in rows for k in ("load_start", "load_end")]
+    lines = [
+        "# Loop speed: neuralign vs hand-written loops", "",
+        f"Generated by `benchmarks/loop_speed.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f", {platform.machine()}, {available_cores()} cores, {args.workers} worker processes with "
+        f"1 torch thread each, {args.repeats or '2-3'} interleaved repeats per variant, medians, "
+        f"{wall / 60:.1f} min). The machine was shared (1-min load average "
+        f"{min(loads):.1f}-{max(loads):.1f} on {available_cores()} cores), so absolute speeds are "
+        "noisy; each ratio compares variants measured in the same process, interleaved. "
+        "Fashion-MNIST subsets (the `images` column); batch 128.", "",
+        "## Training and evaluation (goal: ratio ≤ 1.1)", "",
+        "Before: the ratio the code had before issue 13 (`loop_speed_before.json`, recorded by "
+        "`--before` on that tree in the same way, at another time and load).", "",
+        "| model | images | hand train (img/s) | neuralign train (img/s) | ratio | before | train "
+        "via DataLoader: ratio | hand evaluate (img/s) | neuralign evaluate (img/s) | ratio "
+        "| before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, e, n = r["train"], r["evaluate"], r["n_train"]
+        lines.append(
+            f"| {r['model']} | {n} | {n / t['hand']['median_s']:.0f} | "
+            f"{n / t['neuralign']['median_s']:.0f} | "
+            f"{t['neuralign']['median_s'] / t['hand']['median_s']:.3f} | "
+            f"{was(r['model'], 'train')} | "
+            f"{t['via DataLoader']['median_s'] / t['hand']['median_s']:.3f} | "
+            f"{n / e['hand']['median_s']:.0f} | {n / e['neuralign']['median_s']:.0f} | "
+            f"{e['neuralign']['median_s'] / e['hand']['median_s']:.3f} | "
+            f"{was(r['model'], 'evaluate')} |")
+    lines += ["", "## Statistics passes vs plain forward passes (goal: ratio ≤ 1.5)", "",
+              "Ratio = pass time / (number of models it runs × one plain forward pass over the "
+              "same images).", "",
+              "| model | images | pass | forwards | pass (s) | plain forward (s) | ratio "
+              "| before |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for p, v in r["passes"].items():
+            lines.append(f"| {r['model']} | {v['images']} | {p} | {v['forwards']} | "
+                         f"{v['pass_s']:.2f} | {v['forward_s']:.2f} | {v['ratio']:.2f} | "
+                         f"{was(r['model'], p)} |")
+    ex = [r for r in rows if "experiments" in r]
+    if ex:
+        lines += ["", "## Channels-last and torch.compile (training)", "",
+                  "Channels-last: one epoch of `neuralign.train` with `channels_last=True` (the "
+                  "default on CPU) over `channels_last=False`. torch.compile: the hand loop "
+                  "with the model compiled over the plain hand loop, after a compiling warm-up; "
+                  "pay-back = compile time / time saved per epoch of this subset.", "",
+                  "| model | channels-last / canonical | compiled / plain (steady state) | "
+                  "compile time (s) | epochs to pay back | error |", "|---|---|---|---|---|---|"]
+        for r in ex:
+            v = r["experiments"]
+
+            def f(k, fmt="{:.3f}", v=v):
+                return fmt.format(v[k]) if v.get(k) is not None else "—"
+            lines.append(f"| {r['model']} | {f('channels_last_ratio')} | {f('compiled_ratio')} |"
+                         f" {f('compile_s', '{:.1f}')} | {f('compile_breakeven_epochs', '{:.1f}')}"
+                         f" | {v.get('compile_error', '')} |")
+    lines += ["", "Per unit:", "", "```", json.dumps(rows, indent=1), "```", ""]
+    (OUT / "loop_speed.md").write_text("\n".join(lines))
+    (OUT / "loop_speed.json").write_text(json.dumps(rows, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--repeats", type=int, default=0, help="0: the per-model default")
+    ap.add_argument("--workers", type=int, default=available_cores())
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of the images to use")
+    ap.add_argument("--rerun", action="store_true", help="ignore the cached units")
+    ap.add_argument("--before", action="store_true",
+                    help="only write docs/results/loop_speed_before.json (run it with PYTHONPATH "
+                         "pointing at an older tree to record its figures for the comparison)")
+    args = ap.parse_args()
+    units = [{"model": m, "repeats": args.repeats, "scale": args.scale,
+              "experiments": m in ("vgg11", "resnet20x1") and not args.before}
+             for m in args.models.split(",")]
+    t0 = time.time()
+    rows = run_units(unit, units, name="loop_speed_before" if args.before else "loop_speed",
+                     workers=args.workers, version=VERSION, rerun=args.rerun)
+    if args.before:
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "loop_speed_before.json").write_text(json.dumps(rows, indent=1))
+    else:
+        write(rows, args, time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()

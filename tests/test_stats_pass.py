@@ -1,0 +1,132 @@
+"""Statistics passes (activation matching, REPAIR, BN reset, CKA): one streaming pass, exact
+moments even for activations with large means, nothing kept per batch, no autograd graph."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from neuralign.align import ActivationStats, activation_statistics
+from neuralign.landscape import layer_cka
+from neuralign.merge import reset_bn
+from neuralign.merge.repair import ChannelMoments, channel_stats, channel_stats_many
+from neuralign.models import get_model
+from neuralign.spec import spec_from_model
+
+G = torch.Generator().manual_seed(0)
+X = torch.randn(96, 1, 28, 28, generator=G)
+Y = torch.randint(0, 10, (96,), generator=G)
+LOADER = DataLoader(TensorDataset(X, Y), batch_size=32)
+
+
+def _model(seed, name="resnet20", **kw):
+    torch.manual_seed(seed)
+    kw = kw or {"width": 1, "norm": "bn"}
+    return get_model(name, num_classes=10, in_channels=1, image_size=28, **kw).eval()
+
+
+def test_activation_stats_are_exact_for_large_means_and_any_batching():
+    za = 1e4 + torch.randn(3000, 8, generator=G, dtype=torch.float64)
+    zb = za[:, torch.randperm(8, generator=G)] * 2 - 5e3 + 0.1 * torch.randn(3000, 8, generator=G,
+                                                                             dtype=torch.float64)
+    ref = torch.corrcoef(torch.cat([za, zb], 1).T)[:8, 8:]
+    ref_cov = torch.cov(torch.cat([za, zb], 1).T, correction=0)[:8, 8:]
+    for sizes in ([3000], [1000, 1000, 1000], [7, 2993]):
+        st = ActivationStats(8)
+        for a, b in zip(za.float().split(sizes), zb.float().split(sizes)):
+            st.update(a, b)
+        assert st.n == 3000
+        torch.testing.assert_close(st.corr(), ref, atol=2e-4, rtol=0)
+        torch.testing.assert_close(st.cov(), ref_cov, atol=2e-3, rtol=1e-3)
+
+
+def test_activation_statistics_pass_keeps_nothing_per_batch():
+    """Every probe output is dropped once paired: after each batch none is alive."""
+    a, b = _model(0), _model(1)
+    spec = spec_from_model(a, X[:2])
+    alive, after_batch = [], []
+
+    def batches():  # counts the live activations before each batch and at the end
+        for xb, yb in zip(X.split(32), Y.split(32)):
+            gc.collect()
+            after_batch.append(sum(r() is not None for r in alive))
+            yield xb, yb
+
+    def spy(mod, inp, out):
+        alive.append(weakref.ref(out))
+
+    for m in (a, b):
+        for mod in m.modules():
+            if isinstance(mod, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)):
+                mod.register_forward_hook(spy)
+    stats, seen = activation_statistics(a, b, batches(), spec)
+    gc.collect()
+    assert seen == 3 and alive and after_batch and max(after_batch) == 0
+    assert sum(r() is not None for r in alive) == 0
+    # the accumulators are fixed-size, independent of the number of batches
+    for st in stats.values():
+        assert st.n > 0 and st.n % 96 == 0
+        assert st.sab.shape == (st.size, st.size)
+
+
+def test_channel_moments_match_a_float64_reference():
+    y = 300.0 + torch.randn(50, 4, 6, 6, generator=G) * torch.tensor([1.0, 0.01, 5, 0])[:, None, None]
+    acc = ChannelMoments()
+    for part in y.split([3, 17, 30]):
+        acc.update(part, 1)
+    mean, std = acc.mean_std()
+    y64 = y.double().transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(mean.double(), y64.mean(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(std.double(), y64.std(1, correction=0), rtol=1e-3, atol=1e-5)
+
+
+def test_repair_statistics_of_two_models_in_one_pass_equal_separate_passes():
+    a, b = _model(0), _model(1)
+    names = ["layer1.0.bn1", "layer2.2.bn2"] if "layer1.0.bn1" in dict(a.named_modules()) else [
+        n for n, m in a.named_modules() if isinstance(m, nn.BatchNorm2d)][:2]
+    both = channel_stats_many([a, b], LOADER, names)
+    for model, got in zip((a, b), both):
+        alone = channel_stats(model, LOADER, names)
+        for n in names:
+            torch.testing.assert_close(got[n][0], alone[n][0])
+            torch.testing.assert_close(got[n][1], alone[n][1])
+
+
+def test_reset_bn_builds_no_autograd_graph_and_averages_batch_statistics():
+    m = _model(0, "vgg11", width=0.25, norm="bn")
+    grad_on = []
+    m.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
+    r = reset_bn(m, LOADER)
+    assert grad_on and not any(grad_on)
+    first = next(x for x in r.modules() if isinstance(x, nn.BatchNorm2d))
+    conv = next(x for x in m.modules() if isinstance(x, nn.Conv2d))
+    with torch.no_grad():
+        means = torch.stack([conv(xb).mean((0, 2, 3)) for xb in X.split(32)])
+    torch.testing.assert_close(first.running_mean, means.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cka_in_float32_matches_float64():
+    a, b = _model(0, "mlp", width=64, depth=2), _model(1, "mlp", width=64, depth=2)
+    got, la, lb = layer_cka(a, b, LOADER, n_examples=96)
+    from neuralign.landscape import cka, features
+
+    fa, fb = features(a, LOADER, la, 96), features(b, LOADER, lb, 96)
+    ref = torch.tensor([[cka(fa[i], fb[j]) for j in lb] for i in la])
+    torch.testing.assert_close(got, ref.float(), atol=1e-5, rtol=1e-5)
+    assert got.diagonal().min() > 0 and float(got.max()) <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("what", ["activation", "repair"])
+def test_passes_accept_plain_lists_of_batches(what):
+    a, b = _model(0, "mlp", width=32, depth=1), _model(1, "mlp", width=32, depth=1)
+    batches = [(X[:40], Y[:40]), (X[40:], Y[40:])]
+    if what == "activation":
+        stats, seen = activation_statistics(a, b, batches, spec_from_model(a, X[:2]))
+        assert seen == 2 and all(st.n == 96 for st in stats.values())
+    else:
+        got = channel_stats(a, batches, ["layer1.0"])["layer1.0"]
+        ref = channel_stats(a, [(X, Y)], ["layer1.0"])["layer1.0"]
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
