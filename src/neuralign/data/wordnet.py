@@ -116,7 +116,7 @@ def _lexnames(r: Path) -> tuple[str, ...]:
         return LEXNAMES
     rows = [ln.split() for ln in f.read_text().splitlines() if ln.strip()]
     try:
-        table = dict((int(a[0]), a[1]) for a in rows)
+        table = {int(a[0]): a[1] for a in rows}
         return tuple(table[i] for i in range(len(table)))
     except (ValueError, IndexError, KeyError) as exc:
         raise DataError(f"{f} is not a WordNet lexnames file: {exc}") from exc
@@ -148,7 +148,7 @@ def load_synsets(root=None) -> dict[str, Synset]:
         return _CACHE[ck]
     names = _lexnames(r)
     out: dict[str, Synset] = {}
-    for p, stem in _POS_FILES.items():
+    for stem in _POS_FILES.values():
         path = r / f"data.{stem}"
         with open(path, encoding="utf-8", errors="replace") as fh:
             for k, line in enumerate(fh, 1):
@@ -169,8 +169,8 @@ def load_synsets(root=None) -> dict[str, Synset]:
 # ----------------------------------------------------------------------------- splitting
 def _split(n: int, seed: int, fractions) -> list[np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
-    a = int(round(n * fractions[0]))
-    b = a + int(round(n * fractions[1]))
+    a = round(n * fractions[0])
+    b = a + round(n * fractions[1])
     return [perm[:a], perm[a:b], perm[b:]]
 
 
@@ -370,6 +370,9 @@ def load_wordnet(name: str, *, data_seed: int = 0, root=None, **kw) -> TextSplit
     p = kw.pop("p", 0.9)
     if key == "breeds":
         out = wordnet_breeds(data_seed=data_seed, root=root, **kw)
+    elif key not in TASKS:
+        raise DataError(f"unknown WordNet task {name!r}; choose from wordnet_"
+                        + ", wordnet_".join((*TASKS, "breeds")) + " (+ '_spurious')")
     else:
         out = load_wordnet_task(key, data_seed=data_seed, root=root, **kw)
     return spurious_tokens(out, p) if spur else out
