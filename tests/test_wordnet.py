@@ -47,6 +47,7 @@ def test_parse_counts_and_a_known_synset():
     dog = syn["n02084071"]
     assert "dog" in dog.words and dog.lexname == "noun.animal" and "canis" in dog.gloss.lower()
     assert "n02083346" in dog.hypernyms            # canine
+    assert not any("(" in w for s in syn.values() if s.pos in "as" for w in s.words)
     assert wn.load_synsets() is syn                # parsed once per process
     assert sum(n.startswith("noun.") for n in wn.LEXNAMES) == 26
     assert sum(n.startswith("verb.") for n in wn.LEXNAMES) == 15
@@ -67,6 +68,8 @@ def test_task_shapes(task, classes, total):
     assert len(set(sp.train.labels.tolist())) == classes
     text, label = sp.train[0]
     assert isinstance(text, str) and text and int(label) >= 0
+    texts, labels = next(iter(sp.loader("val", batch_size=8)))
+    assert len(texts) == 8 and labels.shape == (8,) and texts[0] == sp.val.texts[0]
 
 
 @needs_wordnet

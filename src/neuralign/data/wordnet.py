@@ -21,6 +21,7 @@ drawn from ``data_seed`` alone, never from a model's seed):
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,6 +92,19 @@ class TextSplits:
     ood_test: TextDataset | None = None
     meta: dict = field(default_factory=dict)
 
+    def loader(self, split: str = "train", batch_size: int = 128, shuffle: bool | None = None,
+               seed: int = 0):
+        """A deterministic DataLoader of ``(list of texts, label tensor)`` batches; ``split`` is
+        train, val, test or ood_test."""
+        from neuralign.data.core import make_loader
+
+        ds = getattr(self, split, None) if split in ("train", "val", "test", "ood_test") else None
+        if ds is None:
+            raise DataError(f"split must be train, val, test or ood_test (when present), "
+                            f"got {split!r}")
+        return make_loader(ds, batch_size, shuffle=(split == "train") if shuffle is None
+                           else shuffle, seed=seed)
+
     def __repr__(self) -> str:
         ood = f", ood_test={len(self.ood_test)}" if self.ood_test is not None else ""
         return (f"TextSplits({self.name}: train={len(self.train)}, val={len(self.val)}, "
@@ -100,6 +114,7 @@ class TextSplits:
 
 # ----------------------------------------------------------------------------- parsing
 _CACHE: dict[str, dict[str, Synset]] = {}
+_MARKER = re.compile(r"\((a|p|ip)\)$")   # adjective syntactic markers: able(p)
 
 
 def wordnet_root(root=None) -> Path:
@@ -126,7 +141,7 @@ def _parse_line(line: str, names: tuple[str, ...]) -> Synset:
     head, _, gloss = line.partition(" | ")
     t = head.split()
     off, lex, pos, n = t[0], int(t[1]), t[2], int(t[3], 16)
-    words = tuple(t[4 + 2 * i].replace("_", " ") for i in range(n))
+    words = tuple(_MARKER.sub("", t[4 + 2 * i]).replace("_", " ") for i in range(n))
     i = 4 + 2 * n
     p_cnt = int(t[i])
     hyp = []
