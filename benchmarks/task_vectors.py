@@ -40,7 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from protocol import _atomic_write_bytes, cache_root, config_key, paired_differences
+from protocol import (
+    _atomic_write_bytes,
+    cache_root,
+    compare,
+    config_key,
+    paired_differences,
+    verdict,
+)
 
 from neuralign.data.wordnet import load_wordnet_task
 from neuralign.errors import NeuralignError
@@ -53,10 +60,13 @@ CFG = {
     "n_train": 1024, "n_val": 200, "n_test": 500, "max_len": 32, "batch": 32, "epochs": 1,
     "lr": 1e-4, "weight_decay": 0.01, "warmup": 0.1, "data_seed": 0,
     "probe_steps": 300, "probe_lr": 1e-2, "fisher_n": 64,
-    "ta_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0], "ties_density": 0.2,
-    "ties_scales": [0.6, 1.0, 1.4, 1.8], "dare_density": 0.3, "dare_scales": [0.2, 0.3, 0.5, 0.7],
-    "version": 1,
+    "ta_scales": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0], "ties_density": 0.2,
+    "ties_scales": [0.2, 0.4, 0.6, 1.0, 1.4], "dare_density": 0.3,
+    "dare_scales": [0.1, 0.15, 0.2, 0.3, 0.5], "version": 1,
 }
+# what the fine-tuned weights depend on: their cache is keyed by these alone
+TRAIN_KEYS = ("tasks", "n_train", "max_len", "batch", "epochs", "lr", "weight_decay", "warmup",
+              "data_seed", "probe_steps", "probe_lr", "version")
 SEEDS = (0, 1, 2)
 
 
@@ -190,6 +200,19 @@ def load_tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+def train_time(cache: Path, tag: str, seed: int) -> float | None:
+    """Seconds the cached fine-tune took when it was trained: its ``.time.json``, else the
+    results file of the run that trained it (the first version of this script), else None."""
+    f = cache / f"{tag}_s{seed}.time.json"
+    if f.is_file():
+        return float(json.loads(f.read_text()))
+    for r in sorted(cache.glob(f"results*_s{seed}.json")):
+        t = json.loads(r.read_text()).get("time", {}).get(tag)
+        if t is not None:
+            return float(t)
+    return None
+
+
 # ----------------------------------------------------------------------------- one seed
 def run_seed(seed: int, base_sd: dict, encoder: nn.Module, tasks: dict, pre_z: dict,
              cache: Path, log) -> dict:
@@ -212,6 +235,9 @@ def run_seed(seed: int, base_sd: dict, encoder: nn.Module, tasks: dict, pre_z: d
             for t in tnames:
                 heads[t].load_state_dict({k.split(".", 2)[2]: v for k, v in sd.items()
                                           if k.startswith(f"head.{t}.")})
+            rec = train_time(cache, tag, seed)
+            if rec is not None:
+                res["time"][tag] = rec
             log(f"  seed {seed} {tag}: from cache")
         else:
             encoder.load_state_dict(base_sd)
@@ -221,6 +247,8 @@ def run_seed(seed: int, base_sd: dict, encoder: nn.Module, tasks: dict, pre_z: d
             sd = {f"enc.{k}": v for k, v in encoder.state_dict().items()}
             sd.update({f"head.{t}.{k}": v for t in tnames for k, v in heads[t].state_dict().items()})
             save_tensors(f, sd)
+            _atomic_write_bytes(f.with_suffix(".time.json"),
+                                lambda p: p.write_text(json.dumps(res["time"][tag])))
             log(f"  seed {seed} {tag}: trained in {res['time'][tag]:.0f}s")
         return {k: v.clone() for k, v in encoder.state_dict().items()}, heads
 
@@ -355,21 +383,46 @@ def write_report(results: dict, info: dict) -> None:
                 curve.setdefault(sc, []).append(np.mean(list(v.values())))
         L.append(f"- {label}: " + ", ".join(f"{sc}: {100 * np.mean(v):.1f}"
                                              for sc, v in curve.items()))
-    L += ["", "## What this reproduces", ""]
-    lp = per_seed("linear probe (pre-trained encoder)")
-    iv = per_seed(ind)
-    for m in methods:
-        if m in (ind, "linear probe (pre-trained encoder)"):
-            continue
-        v = per_seed(m)
-        between = all(lp[s] <= v[s] <= iv[s] for s in v)
-        above = sum(v[s] > iv[s] for s in v)
-        L.append(f"- {m}: mean accuracy between the linear probe and the individual fine-tunes "
-                 f"in {'every' if between else 'not every'} seed; above the individual fine-tunes "
-                 f"in {above} of {len(v)} seeds; mean {100 * np.mean(list(v.values())):.1f} vs "
-                 f"{100 * np.mean(list(iv.values())):.1f} (individual) and "
-                 f"{100 * np.mean(list(lp.values())):.1f} (probe).")
-    tm = info["time"]
+    L += ["", "## What the numbers say (computed; verdict: difference beyond 2 SE)", ""]
+    lp, iv = pm["linear probe (pre-trained encoder)"], pm[ind]
+    merges = [m for m in methods if m not in (ind, "linear probe (pre-trained encoder)",
+                                              "multi-task (joint training)",
+                                              "pre-trained encoder + fine-tuned heads")]
+    for m in merges:
+        v = pm[m]
+        k = sum(lp[s] <= v[s] <= iv[s] for s in v)
+        L.append(f"- {m}: between the linear probe and the individual fine-tunes in {k} of "
+                 f"{len(v)} seeds; vs individual {cell(pd[ind][m])}, vs probe "
+                 f"{cell(pd['linear probe (pre-trained encoder)'][m])} "
+                 f"(above the probe: {verdict(pd['linear probe (pre-trained encoder)'][m])}).")
+    for m in merges:
+        if m != ref:
+            L.append(f"- {m} − {ref}: {cell(pd[ref][m])} ({verdict(pd[ref][m])}).")
+    mt = "multi-task (joint training)"
+    if mt in pm:
+        best = max(merges, key=lambda m: np.mean(list(pm[m].values())))
+        L.append(f"- {mt} − {ind}: {cell(pd[ind][mt])} ({verdict(pd[ind][mt])}); "
+                 f"{mt} − {best} (best merge): {cell(compare(pm, mt, best))} "
+                 f"({verdict(compare(pm, mt, best))}).")
+    ph = "pre-trained encoder + fine-tuned heads"
+    if ph in pm:
+        same = all(results[str(s)]["test"][ph] == results[str(s)]["test"][
+            "linear probe (pre-trained encoder)"] for s in seeds)
+        L.append(f"- {ph}: {'identical to' if same else 'not identical to'} the linear probe on "
+                 f"every task{' and seed' if same else ''} (vs probe "
+                 f"{cell(pd['linear probe (pre-trained encoder)'][ph])})"
+                 + (": the fine-tunes' gain over the probe is carried by the encoder." if same
+                    else "."))
+    tm, nft = {}, 0
+    for s in seeds:
+        for k, v in results[str(s)]["time"].items():
+            key = "fine-tuning" if k in names + ["multitask"] else (
+                "merging + evaluation" if k == "evaluation" else k)
+            nft += key == "fine-tuning"
+            if key != "seed total":
+                tm[key] = tm.get(key, 0.0) + v
+    tm = {"pre-trained features": info["time"]["pre-trained features"], **tm,
+          "this invocation (cached parts not re-run)": info["time"]["this invocation"]}
     L += ["", "## Compute", "",
           f"CPU only, {info['threads']} torch thread(s), niced (`nice -n 19`) on a 2-core machine "
           f"shared with other jobs (load average at the start {info['load']}). Per seed: 4 "
@@ -378,7 +431,8 @@ def write_report(results: dict, info: dict) -> None:
           f"lr {CFG['lr']:g}, {int(CFG['warmup'] * 100)}% warm-up then linear decay) and one "
           f"multi-task run of {info['steps_multi']} steps (batch {CFG['batch']} = "
           f"{CFG['batch'] // len(names)} per task); Fisher from {CFG['fisher_n']} training "
-          "examples per task, one at a time. Wall time this run (cached parts not counted): "
+          f"examples per task, one at a time. Wall time, summed over the {len(seeds)} seeds "
+          f"({nft} of {len(seeds) * (len(names) + 1)} fine-tunes timed when trained): "
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in tm.items())
           + f"; peak RSS {info['rss_gb']:.1f} GB. Fine-tuned weights are cached under "
           "`~/.cache/neuralign/task_vectors/` (not committed).", ""]
@@ -429,7 +483,7 @@ def main() -> None:
         global OUT
         OUT = Path(args.smoke)
         os.environ["NEURALIGN_CACHE"] = str(OUT / "cache")
-        CFG.update(n_train=32, n_val=16, n_test=16, fisher_n=2, ta_scales=[0.3, 0.5],
+        CFG.update(n_train=32, n_val=16, n_test=16, fisher_n=2, ta_scales=[0.0, 0.3],
                    ties_scales=[1.0], dare_scales=[0.3], probe_steps=10)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -437,7 +491,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     t_start = time.time()
-    cache = cache_root() / "task_vectors" / config_key(CFG)
+    cache = cache_root() / "task_vectors" / config_key({k: CFG[k] for k in TRAIN_KEYS})
     cache.mkdir(parents=True, exist_ok=True)
 
     def log(msg):
@@ -459,18 +513,14 @@ def main() -> None:
             "steps_multi": CFG["epochs"] * CFG["n_train"] // (CFG["batch"] // len(CFG["tasks"]))}
     results = {}
     for seed in args.seeds:
-        f = cache / f"results_s{seed}.json"
+        f = cache / f"results_{config_key(CFG)}_s{seed}.json"
         if f.is_file():
             results[str(seed)] = json.loads(f.read_text())
             log(f"seed {seed}: results from cache")
         else:
             results[str(seed)] = run_seed(seed, base_sd, encoder, tasks, pre_z, cache, log)
             _atomic_write_bytes(f, lambda p, r=results[str(seed)]: p.write_text(json.dumps(r)))
-            for k, v in results[str(seed)]["time"].items():
-                key = "fine-tuning" if k in CFG["tasks"] + ["multitask"] else k
-                if key != "seed total":
-                    times[key] = times.get(key, 0.0) + v
-        info["time"] = dict(times, total=time.time() - t_start)
+        info["time"] = dict(times, **{"this invocation": time.time() - t_start})
         info["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         write_report(results, info)
         log(f"seed {seed} done; report written")
