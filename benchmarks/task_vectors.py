@@ -450,15 +450,20 @@ def plot(results, methods, per_seed, seeds) -> None:
     import matplotlib.pyplot as plt
 
     names = CFG["tasks"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    w = 0.8 / len(methods)
-    for i, m in enumerate(methods):
-        vals = [100 * np.mean(list(per_seed(m, t).values())) for t in names]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [2, 1]})
+    probe_row = "linear probe (pre-trained encoder)"
+    shown = [m for m in methods if m != probe_row]
+    w = 0.8 / len(shown)
+    for i, m in enumerate(shown):
+        vals = [100 * np.mean([per_seed(m, t)[s] - per_seed(probe_row, t)[s] for s in seeds])
+                for t in names]
         a.bar(np.arange(len(names)) + i * w, vals, w, label=m)
+    a.axhline(0, color="k", lw=0.8)
     a.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names)
-    a.set_ylabel("test accuracy (%)")
-    a.legend(fontsize=7, loc="lower left")
-    a.set_title(f"per-task accuracy, own head on each encoder (mean of {len(seeds)} seeds)")
+    a.set_ylabel("test accuracy − linear probe's (points)")
+    a.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    a.set_title(f"gain over the linear probe, own head on each encoder (mean of {len(seeds)} "
+                "seeds)")
     for label in results[str(seeds[0])]["val_curves"]:
         xs = list(results[str(seeds[0])]["val_curves"][label])
         ys = [100 * np.mean([np.mean(list(results[str(s)]["val_curves"][label][x].values()))
