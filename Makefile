@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  := torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+WORDNET := /usr/share/wordnet/data.noun
 
 .PHONY: install install-dev demo test lint bench clean data
 
@@ -28,6 +29,10 @@ data:                            ## Fashion-MNIST from Debian's package, when we
 	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) || \
 	  echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; \
 	else echo "note: not root: skipping 'apt-get install dataset-fashion-mnist' (Fashion-MNIST tests will be skipped)"; fi
+	@if [ -f $(WORDNET) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q wordnet-base >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wordnet-base >/dev/null 2>&1) || echo "note: could not install wordnet-base; WordNet tests will be skipped"; \
+	else echo "note: not root: skipping 'apt-get install wordnet-base' (WordNet tests will be skipped)"; fi
 
 demo: install                    ## train two MLPs on digits, align them, show the barrier table
 	$(VENV)/bin/neuralign demo

