@@ -196,3 +196,33 @@ def test_stitch_and_per_layer_barrier(d, tmp_path):
     assert per["accuracy"][-1] == pytest.approx(res["barriers"]["accuracy_entezari"], abs=1e-6)
     fails(d, "barrier", d / "ft1.safetensors", d / "ft2.safetensors", "--layers", "layer1",
           contains="--per-layer")
+
+
+def test_align_scaling_recovers_a_planted_scaling_and_annealing_runs(d, tmp_path):
+    from neuralign.align.scaling import apply_scaling
+    from neuralign.permute import apply_permutation, random_permutation
+    from neuralign.spec import spec_from_model
+
+    a = load_model(d / "ft1.safetensors")
+    spec = spec_from_model(a, torch.zeros(2, 64))
+    g = torch.Generator().manual_seed(0)
+    scales = {n: torch.rand(spec.groups[n].size, generator=g) * 3 + 0.2 for n in spec.groups}
+    b = apply_permutation(apply_scaling(a, scales, spec), random_permutation(spec, 3), spec)
+    save_model(b, tmp_path / "b.safetensors", metadata=META)
+    out = tmp_path / "al.safetensors"
+    r = ok("align", d / "ft1.safetensors", tmp_path / "b.safetensors", "--method", "scaling",
+           "--out", out, "--json")
+    assert set(json.loads(r.stdout)["scaled_groups"]) == set(spec.groups)
+    got, ref = _sd(out), a.state_dict()
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-4), k
+    out2 = tmp_path / "an.safetensors"
+    r = ok("align", d / "ft1.safetensors", d / "other.safetensors", "--method", "annealing",
+           "--steps", "20", "--batches", "1", "--data", "digits", "--out", out2, "--json")
+    res = json.loads(r.stdout)
+    assert res["barrier"] <= res["barrier_init"] and res["steps"] == 20
+    fails(d, "align", d / "ft1.safetensors", d / "other.safetensors", "--method", "annealing",
+          "--out", tmp_path / "x.safetensors", contains="--data")
+    fails(d, "align", d / "ft1.safetensors", d / "other.safetensors", "--method", "annealing",
+          "--steps", "0", "--data", "digits", "--out", tmp_path / "x.safetensors",
+          contains="--steps")
