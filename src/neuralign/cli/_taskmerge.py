@@ -88,7 +88,7 @@ def check(method: str, models: list[str], opts: TaskOptions, *, align: str, coef
             fail("--method slerp takes --t, not --coeffs")
         check_range(opts.t, "--t", lo=0.0, hi=1.0)
     elif opts.t != 0.5:
-        fail(f"--t applies to --method slerp only")
+        fail("--t applies to --method slerp only")
     density = opts.density if opts.density is not None else DEFAULT_DENSITY.get(method, 1.0)
     if method in ("ties", "dare"):
         check_range(density, "--density", lo=0.0, hi=1.0, lo_open=True)
