@@ -50,6 +50,12 @@ def streams(paths) -> bool:
     return any(is_checkpoint_dir(p) for p in paths)
 
 
+def all_sharded(paths) -> bool:
+    """Every input a sharded folder (with an index): plain ``merge`` averages these out of core
+    (a folder with one ``model.safetensors`` is still loaded as a model, as before)."""
+    return all(Path(p).is_dir() and (Path(p) / INDEX).is_file() for p in paths)
+
+
 def parse_task_weights(text: str | None, n: int):
     """``--coeffs`` for task methods: one weight per fine-tuned model, not normalised."""
     if text is None:

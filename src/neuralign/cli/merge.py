@@ -171,7 +171,7 @@ def register(app: typer.Typer) -> None:
         w = parse_coeffs(coeffs, len(checkpoints), extrapolate)
         check_range(fit_batches, "--fit-batches", lo=1)
         shape = parse_shape(input_shape)
-        if method == "average" and _taskmerge.streams(checkpoints):
+        if method == "average" and _taskmerge.all_sharded(checkpoints):
             if align != "none" or repair_ or data is not None:
                 fail("checkpoint folders average out of core: drop --align/--repair/--data")
             _taskmerge.run_streaming("average", list(checkpoints), topts, {"weights": w}, out,
