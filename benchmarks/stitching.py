@@ -154,6 +154,12 @@ def write(result, cfg, infos, cells, wall):
              "acc(stitched), on the full test set, in accuracy points (positive = worse than the "
              f"ends). Stitching took {stitch_s / 60:.1f} min in all; the whole run "
              f"{wall / 60:.1f} min (cached models count zero on a rerun).", "",
+             "**Budget caveat.** φ gets "
+             f"{-(-cfg['phi_train'] // 128) * cfg['phi_epochs']} Adam steps after its "
+             "least-squares start (the CPU budget: each cell also evaluates on 10,000 test "
+             "images). The penalties are therefore upper bounds on those of a fully trained φ, "
+             "compared across kinds and depths at one equal budget; stitching papers train φ for "
+             "epochs and report much smaller affine penalties in the middle of ResNets.", "",
              "| layer | " + " | ".join(f"{k} penalty (pts)" for k in result["kinds"]) + " |",
              "|---|" + "---|" * len(result["kinds"])]
     for i, layer in enumerate(result["layers"]):
