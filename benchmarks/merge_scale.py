@@ -74,6 +74,10 @@ def write_checkpoint(path: Path, shapes: dict, n_shards: int, seed: int, config:
 
     keys = list(shapes)
     per = -(-len(keys) // n_shards)
+    if (path / "model.safetensors.index.json").exists() and (path / "config.json").exists() \
+            and json.loads((path / "config.json").read_text()) == config:
+        log(f"reusing {path} (--workdir)")
+        return
     path.mkdir(parents=True)
     wm = {}
     total = 0
@@ -98,17 +102,31 @@ def write_checkpoint(path: Path, shapes: dict, n_shards: int, seed: int, config:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
+TIME = Path("/usr/bin/time")
+
+
 def run_measured(cmd: list[str], env=None) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS bytes (this child, via wait4) and exit status."""
+    """Wall seconds, peak RSS bytes of the command and its exit status.
+
+    The peak is measured by GNU time (``%M``), which forks the command from its own small
+    process. ``wait4`` on a child of *this* process would be wrong: Linux folds the peak RSS of
+    the memory the child shares before ``exec`` (this process, with its generated tensors)
+    into the child's ``ru_maxrss``, so every measurement would include the benchmark's own RSS.
+    """
+    if not TIME.exists():
+        raise SystemExit("needs GNU time (/usr/bin/time, Debian package 'time') to measure the "
+                         "peak RSS of a command")
+    fd, rss_file = tempfile.mkstemp(prefix="merge_scale_rss_")
+    os.close(fd)
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
+    p = subprocess.run([str(TIME), "-f", "%M", "-o", rss_file, *cmd], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read().decode()[-2000:] if p.stderr else ""
+    text = Path(rss_file).read_text().strip().splitlines()
+    os.unlink(rss_file)
     if p.returncode != 0:
-        log("FAILED:", " ".join(cmd[:3]), err)
-    return wall, ru.ru_maxrss * 1024, p.returncode
+        log("FAILED:", " ".join(cmd[:3]), p.stderr.decode()[-2000:])
+    return wall, int(text[-1]) * 1024, p.returncode
 
 
 def neuralign_cmd(method, base, models, out):
@@ -210,8 +228,9 @@ def main():
               f"Llama-style random checkpoints, {n_params / 1e6:.0f}M parameters each "
               f"({model_bytes / 2**20:.0f} MB in bf16, {n_shards} shards); a base and two "
               "fine-tunes. Each merge runs in a fresh process, one after the other, on "
-              f"{os.cpu_count()} CPU cores; peak RSS is the child's (wait4), including the "
-              "interpreter and its imports. mergekit 0.1.5 with default options. linear = "
+              f"{os.cpu_count()} CPU cores; peak RSS is the command's own "
+              "maximum resident set size (GNU time), including the interpreter and its "
+              "imports. mergekit 0.1.5 with default options. linear = "
               "0.5/0.5 of the fine-tunes; TIES = density 0.2, weights 1, onto the base. The "
               "last columns compare mergekit's output with neuralign's over every tensor "
               "(neuralign computes in float32, mergekit in the checkpoint's bf16, so TIES "

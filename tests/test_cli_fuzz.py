@@ -92,11 +92,15 @@ def _command(name, x, out_dir):
         "surface": ["surface", x, "--steps", "2", "--dims", "1"],
         "connect": ["connect", "GOOD", x, "--epochs", "1", "--points", "3"],
         "finetune": ["finetune", x, "--epochs", "1", "--out", out_dir / "o.safetensors"],
+        "merge-ties": ["merge", "--method", "ties", "--base", "GOOD", "GOOD", x, "--out",
+                       out_dir / "o.safetensors"],
+        "stitch": ["stitch", "GOOD", x, "--train-batches", "1", "--kind", "affine"],
     }[name]
 
 
-COMMANDS = ["eval", "align", "merge", "barrier", "cka", "surface", "connect", "finetune"]
-TWO_MODEL = ["align", "merge", "barrier", "cka", "connect"]
+COMMANDS = ["eval", "align", "merge", "barrier", "cka", "surface", "connect", "finetune",
+            "merge-ties", "stitch"]
+TWO_MODEL = ["align", "merge", "barrier", "cka", "connect", "merge-ties", "stitch"]
 BAD_INPUTS = {
     "truncated": ("truncated.safetensors", "truncated"),
     "zero-byte": ("zero.safetensors", "empty"),
@@ -128,7 +132,7 @@ def test_bad_model_input(files, tmp_path, command, kind):
 @pytest.mark.parametrize("command", TWO_MODEL)
 def test_other_architecture(files, tmp_path, command):
     args = _resolve(_command(command, files / "other.safetensors", tmp_path), files)
-    if command == "cka":  # CKA compares representations of any two models: it works
+    if command in ("cka", "stitch"):  # any two models' representations compare / stitch
         _ok(args)
         return
     _fails(args, files)
@@ -175,12 +179,16 @@ def _outputs_of(command, files, target):
         "connect": ["connect", g, g2, "--epochs", "1", "--points", "3", "--plot", target],
         "federate": ["federate", "--data", "digits", "--rounds", "1", "--clients", "2",
                      "--out", target],
+        "merge-ties": ["merge", "--method", "ties", "--base", g, g, g2, "--out", target],
+        "stitch": ["stitch", g, g2, "--train-batches", "1", "--kind", "affine", "--plot",
+                   target],
     }[command]
 
 
-OUT_COMMANDS = ["train", "align", "merge", "finetune", "barrier", "cka", "surface", "connect",
+OUT_COMMANDS = ["train", "align", "merge", "merge-ties", "stitch", "finetune", "barrier", "cka",
+                "surface", "connect",
                 "federate"]
-SUFFIX = {"barrier": ".png", "cka": ".png", "surface": ".png", "connect": ".png",
+SUFFIX = {"stitch": ".png", "barrier": ".png", "cka": ".png", "surface": ".png", "connect": ".png",
           "federate": ".json"}
 
 
@@ -211,7 +219,7 @@ def test_output_folder_missing_or_read_only(files, tmp_path, command):
     _fails(_outputs_of(command, files, ro / f"x{suffix}"), files, contains="cannot write")
 
 
-@pytest.mark.parametrize("command", ["barrier", "cka", "surface"])
+@pytest.mark.parametrize("command", ["barrier", "cka", "surface", "stitch"])
 def test_plot_never_replaces_a_checkpoint(files, tmp_path, command):
     ck = tmp_path / "x.safetensors"
     ck.write_bytes((files / "good.safetensors").read_bytes())
@@ -258,6 +266,9 @@ OUT_OF_RANGE = [
     ("align", ["--method", "bogus"], "--method"),
     ("align", ["--method", "activation", "--batches", "0"], "--batches"),
     ("align", ["--input-shape", "0,8"], "--input-shape"),
+    ("align", ["--method", "annealing"], "--data"),
+    ("align", ["--method", "annealing", "--data", "digits", "--steps", "0"], "--steps"),
+    ("align", ["--method", "scaling", "--device", "cuda:99"], "--device"),
     ("merge", ["--method", "bogus"], "--method"),
     ("merge", ["-o", "bogus=1"], "bogus"),
     ("merge", ["--method", "ot", "-o", "bogus=1"], "bogus"),
@@ -267,6 +278,29 @@ OUT_OF_RANGE = [
     ("merge", ["--coeffs", "a,b"], "--coeffs"),
     ("merge", ["--align", "bogus"], "--align"),
     ("merge", ["--method", "ot", "--align", "weight"], "--align"),
+    ("merge", ["--method", "ties"], "--base"),
+    ("merge", ["--density", "0.5"], "--density"),
+    ("merge", ["--method", "ties", "--align", "weight", "--density", "1.5"], "--density"),
+    ("merge", ["--method", "ties", "--align", "weight", "--density", "nan"], "--density"),
+    ("merge", ["--method", "dare", "--align", "weight", "--combine", "bogus"], "--combine"),
+    ("merge", ["--method", "dare", "--align", "weight", "--rescale", "bogus"], "--rescale"),
+    ("merge", ["--method", "ties", "--align", "weight", "--elect", "bogus"], "--elect"),
+    ("merge", ["--method", "slerp", "--align", "weight", "--t", "1.5"], "--t"),
+    ("merge", ["--method", "ties", "--align", "weight", "--scale", "inf"], "--scale"),
+    ("merge", ["--method", "ties", "--align", "activation"], "--align"),
+    ("merge", ["--method", "ties", "--align", "weight", "--repair"], "--repair"),
+    ("merge", ["--method", "ties", "--align", "weight", "--coeffs", "1,2,3"], "--coeffs"),
+    ("merge", ["--method", "ties", "--align", "weight", "-o", "x=1"], "-o"),
+    ("stitch", ["--kind", "bogus"], "--kind"),
+    ("stitch", ["--kind", "rank-0"], "--kind"),
+    ("stitch", ["--kind", "affine,affine"], "--kind"),
+    ("stitch", ["--epochs", "-1"], "--epochs"),
+    ("stitch", ["--lr", "0"], "--lr"),
+    ("stitch", ["--train-batches", "0"], "--train-batches"),
+    ("stitch", ["--layers", ","], "--layers"),
+    ("stitch", ["--device", "cuda:99"], "--device"),
+    ("barrier", ["--layers", "layer1"], "--per-layer"),
+    ("barrier", ["--per-layer", "--layers", "nope"], "nope"),
     ("barrier", ["--points", "0"], "--points"),
     ("barrier", ["--points", "2"], "--points"),
     ("barrier", ["--points", "abc"], "points"),
@@ -306,7 +340,7 @@ def test_out_of_range_options(files, tmp_path, command, extra, hint):
         "eval": ["eval", a], "align": ["align", a, b, "--out", tmp_path / "o.safetensors"],
         "merge": ["merge", a, b, "--out", tmp_path / "o.safetensors"],
         "barrier": ["barrier", a, b], "cka": ["cka", a, b], "surface": ["surface", a],
-        "connect": ["connect", a, b],
+        "connect": ["connect", a, b], "stitch": ["stitch", a, b],
         "train": ["train", "--out", tmp_path / "o.safetensors"],
         "finetune": ["finetune", a, "--out", tmp_path / "o.safetensors"],
         "federate": ["federate", "--data", "digits"],

@@ -228,3 +228,18 @@ def test_streaming_weight_matching_equals_in_memory(tmp_path):
     back = read_all(permute_checkpoint(pp, sharded_weight_matching(spec, pa, pp), spec,
                                        tmp_path / "back"))
     assert all(torch.allclose(v, a.state_dict()[k]) for k, v in back.items())
+
+
+def test_all_finite_reads_16_bit_exponents_exactly():
+    from neuralign.merge.sharded import all_finite
+
+    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        x = torch.randn(1000, dtype=dt)
+        assert all_finite(x) and all_finite(x[:0])
+        for v in (float("nan"), float("inf"), float("-inf")):
+            y = x.clone()
+            y[17] = v
+            assert not all_finite(y), (dt, v)
+        y = x.clone()
+        y[3], y[4], y[5] = torch.finfo(dt).max, torch.finfo(dt).min, -0.0
+        assert all_finite(y)

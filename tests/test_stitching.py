@@ -87,3 +87,18 @@ def test_conv_feature_maps_stitch_on_channels(kind):
     if kind != "rank-2":
         assert abs(r.penalty) <= 1 / 32 + 1e-9  # starts at the identity map of the channels
     assert r.model(x).shape == (32, 3)
+
+
+def test_least_squares_start_reads_the_same_examples_from_a_shuffling_loader(models):
+    """A shuffling loader gives another order on every pass: A's and B's activations for the
+    least-squares start must come from one pass (else φ maps unrelated examples)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    a, _, loader, ev = models
+    x = torch.cat([b[0] for b in loader])
+    y = torch.cat([b[1] for b in loader])
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True,
+                          generator=torch.Generator().manual_seed(0))
+    r = stitch(a, a, "layer1", shuffled, kind="affine", eval_loader=ev, epochs=0, n_init=256)
+    assert torch.allclose(r.model.phi.weight, torch.eye(16), atol=1e-4)
+    assert r.penalty == pytest.approx(0.0, abs=1e-9)

@@ -25,8 +25,38 @@ from neuralign.cli._common import (
 from neuralign.cli._inputs import check_choice, check_range, parse_shape
 from neuralign.cli._models import ModelArgs
 
-METHODS = ("weight", "activation", "corr", "cov", "ste", "sinkhorn")
-DATA_METHODS = ("activation", "corr", "cov", "ste")
+METHODS = ("weight", "activation", "corr", "cov", "ste", "sinkhorn", "annealing", "scaling")
+DATA_METHODS = ("activation", "corr", "cov", "ste", "annealing")
+
+
+def _align_other(method, ma, mb, loader, example, batches, steps, seed):
+    """annealing (Entezari: minimise the barrier on ``batches`` training batches) or scaling
+    (permutations x positive scalings); returns (aligned B, table rows, extra JSON)."""
+    import torch
+
+    from neuralign.permute import apply_permutation
+    from neuralign.spec import spec_from_model
+
+    spec = spec_from_model(ma, example)
+    if method == "annealing":
+        from neuralign.align.annealing import annealing_matching
+
+        batches_ = [x for _, x in zip(range(batches), loader)]
+        perm = annealing_matching(spec, ma, mb, batches_, steps=steps, seed=seed)
+        aligned = apply_permutation(mb, perm, spec)
+        extra = {k: perm.info[k] for k in ("barrier_init", "barrier", "accepted", "steps",
+                                           "time_s")}
+    else:
+        from neuralign.align.scaling import scaling_matching
+
+        res = scaling_matching(spec, ma, mb, example, seed=seed)
+        perm, aligned = res.permutation, res.aligned
+        extra = {"scaled_groups": res.info["scaled_groups"],
+                 "unscaled": {k: str(v) for k, v in res.info["unscaled"].items()}}
+    groups = [{"name": n, "size": spec.groups[n].size,
+               "moved": int((perm[n] != torch.arange(spec.groups[n].size)).sum())}
+              for n in spec.groups]
+    return aligned.eval(), groups, extra
 
 
 def example_input(model, shape, what: str):
@@ -53,7 +83,8 @@ def register(app: typer.Typer) -> None:
         b: str = typer.Argument(..., help="model to permute onto A"),
         out: str = typer.Option(..., help="where to write the aligned B (.safetensors)"),
         method: str = typer.Option("weight", help="weight, activation (=corr), cov, ste, "
-                                   "sinkhorn"),
+                                   "sinkhorn, annealing (simulated annealing on the barrier; "
+                                   "needs data), scaling (permutations x positive scalings)"),
         data: str = typer.Option(None, help=DATA_OPT_HELP + "; activation/STE matching need it"),
         data_seed: int = DATA_SEED_OPT,
         data_root: str = DATA_ROOT_OPT,
@@ -64,6 +95,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(_flow.EVAL_BATCH_SIZE),
         restarts: int = typer.Option(0, help="weight matching: extra random restarts"),
         max_iter: int = typer.Option(100, help="weight matching: most sweeps"),
+        steps: int = typer.Option(500, help="annealing: swap proposals (its budget)"),
         seed: int = typer.Option(0, help="seed of the matching (restarts, data order)"),
         arch: str = ARCH_OPT,
         model_option: list[str] = MODEL_KW_OPT,
@@ -79,9 +111,11 @@ def register(app: typer.Typer) -> None:
         check_range(batch_size, "--batch-size", lo=1)
         check_range(restarts, "--restarts", lo=0)
         check_range(max_iter, "--max-iter", lo=1)
+        check_range(steps, "--steps", lo=1)
         shape = parse_shape(input_shape)
         if method in DATA_METHODS and data is None:
-            fail(f"--method {method} matches activations: it needs --data")
+            what = "evaluates the barrier" if method == "annealing" else "matches activations"
+            fail(f"--method {method} {what} on data: it needs --data")
         margs = ModelArgs(arch, model_option, allow_pickle)
         dargs = _data.DataArgs(data, data_seed, data_root, image_size, test_domain)
         _flow.prepare([a, b], margs, dargs, [_flow.model_output("--out", out, "align")],
@@ -108,6 +142,27 @@ def register(app: typer.Typer) -> None:
                 options["max_steps"] = batches
             if example is not None and device:
                 example = example.to(device)
+            if method in ("annealing", "scaling"):
+                if device:
+                    fail(f"--method {method} runs on the CPU for now; drop --device")
+                aligned, groups, extra = _align_other(method, ma, mb, loader, example, batches,
+                                                      steps, seed)
+                info_b = inp.infos[1] or {}
+                meta = _data.metadata(
+                    "align", info_b.get("data") or inp.data, info_b.get("data_seed"),
+                    info_b.get("seed"), None, aligned_to=a, source=b, method=method,
+                    align_seed=seed, align_data=inp.data,
+                    input_shape=info_b.get("input_shape"),
+                    num_classes=info_b.get("num_classes"))
+                save_model(aligned.cpu(), out, metadata=json_safe(meta))
+                rep.table(f"align {b} -> {a} ({method})", ["group", "units", "moved"],
+                          [[g["name"], g["size"], g["moved"]] for g in groups])
+                if method == "annealing":
+                    rep.table("barrier on the training batches", ["", "before", "after"],
+                              [["loss barrier", extra["barrier_init"], extra["barrier"]]])
+                rep.note(f"{len(groups)} groups; saved {out}")
+                rep.data.update(out=out, a=a, b=b, method=method, groups=groups, **extra)
+                return
             aligned, _, summary = align_models(ma, mb, method, loader=loader, seed=seed,
                                                example_input=example, max_iter=max_iter,
                                                restarts=restarts, **options)

@@ -18,6 +18,7 @@ from neuralign.cli._common import (
     PICKLE_OPT,
     TEST_DOMAIN_OPT,
     Report,
+    fail,
 )
 from neuralign.cli._inputs import check_choice, check_range
 from neuralign.cli._models import ModelArgs
@@ -27,6 +28,25 @@ from neuralign.cli.merge import ALIGN_CHOICES, align_to_first
 def curve_dict(c) -> dict:
     return {"t": list(map(float, c.t)), "loss": list(map(float, c.loss)),
             "accuracy": list(map(float, c.accuracy))}
+
+
+def _per_layer(rep, ma, mb, val, names, points, bn_loader, paths) -> dict:
+    """Eq. 24 for every layer: loss and accuracy barriers of the partial merges."""
+    from neuralign.landscape.layerwise import partial_merge_barriers
+
+    if names:
+        from neuralign.cli.stitch import check_layers
+
+        check_layers(names, (ma, mb), paths)
+    res = {kind: partial_merge_barriers(ma, mb, val, layers=names, ts=points, kind=kind,
+                                        bn_loader=bn_loader)
+           for kind in ("loss", "accuracy")}
+    lay = res["loss"].layers
+    rep.table("partial-merge barriers (merged through the layer, separate heads after it)",
+              ["merged through", "loss barrier", "accuracy barrier"],
+              [[ly, res["loss"].barriers[i], res["accuracy"].barriers[i]]
+               for i, ly in enumerate(lay)])
+    return {"layers": lay, "loss": res["loss"].barriers, "accuracy": res["accuracy"].barriers}
 
 
 def register(app: typer.Typer) -> None:
@@ -43,6 +63,11 @@ def register(app: typer.Typer) -> None:
         repair_: bool = typer.Option(False, "--repair", help="also the curve with REPAIR"),
         bn_reset: bool = typer.Option(True, help="reset batch-norm statistics at every point"),
         fit_batches: int = typer.Option(8),
+        per_layer: bool = typer.Option(False, "--per-layer", help="also the barrier of every "
+                                       "partial merge (merged through layer i, separate heads "
+                                       "after it; survey Eq. 24)"),
+        layers: str = typer.Option(None, help="--per-layer: comma-separated blocks from input "
+                                   "to output covering every parameter (default: the blocks)"),
         plot: str = typer.Option(None, help="write the curves to this .png"),
         seed: int = typer.Option(0),
         arch: str = ARCH_OPT,
@@ -57,6 +82,11 @@ def register(app: typer.Typer) -> None:
         align = check_choice(align, ALIGN_CHOICES, "--align")
         check_range(points, "--points", lo=3)
         check_range(fit_batches, "--fit-batches", lo=1)
+        names = [n.strip() for n in layers.split(",") if n.strip()] if layers else None
+        if layers is not None and not per_layer:
+            fail("--layers goes with --per-layer")
+        if layers is not None and not names:
+            fail("--layers names no module")
         margs = ModelArgs(arch, model_option, allow_pickle)
         dargs = _data.DataArgs(data, data_seed, data_root, image_size, test_domain)
         _flow.prepare([a, b], margs, dargs, [_flow.plot_output(plot)], force=force,
@@ -83,6 +113,10 @@ def register(app: typer.Typer) -> None:
                 rep.table(f"{name} barriers", ["barrier", "value"],
                           [[k.replace("_", " (") + ")", v] for k, v in bars.items()])
                 result[name] = {**curve_dict(c), "barriers": bars}
+            per = None
+            if per_layer:
+                per = _per_layer(rep, ma, mb, val, names, points,
+                                                 fit if bn_reset else None, (a, b))
             if plot:
                 from neuralign.landscape.plots import plot_curves
 
@@ -90,3 +124,5 @@ def register(app: typer.Typer) -> None:
                 rep.note(f"wrote {plot}")
             rep.data.update(a=a, b=b, align=align, data=inp.data, data_seed=inp.data_seed,
                             split="val", curves=result, plot=plot)
+            if per is not None:
+                rep.data.update(per_layer=per)

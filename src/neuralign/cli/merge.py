@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from neuralign.cli import _data, _flow
+from neuralign.cli import _data, _flow, _taskmerge
 from neuralign.cli._common import (
     ARCH_OPT,
     DATA_OPT_HELP,
@@ -31,6 +31,7 @@ from neuralign.cli._inputs import check_choice, check_range, parse_shape
 from neuralign.cli._models import ModelArgs
 
 ALIGN_CHOICES = ("none", "weight", "activation", "cov")
+TASK_METHODS = _taskmerge.TASK_METHODS
 # The -o/--option keys each merge method takes (tests check them against the functions).
 METHOD_OPTIONS = {
     "average": (), "uniform-soup": (), "greedy-soup": (),
@@ -81,12 +82,42 @@ def parse_coeffs(text: str | None, n: int, extrapolate: bool, flag: str = "--coe
     return w
 
 
+def _task_merge(method, checkpoints, topts, out, align, coeffs, repair_, option, data, seed,
+                force, json_, rep, margs, dargs, fit_batches, bn_reset, device) -> None:
+    """``--method task-arithmetic|ties|dare|slerp``: options first, then in memory or out of
+    core (checkpoint folders)."""
+    from neuralign.cli._inputs import check_device
+
+    align = check_choice(align, ALIGN_CHOICES, "--align")
+    check_device(device)
+    check_range(fit_batches, "--fit-batches", lo=1)
+    kw = _taskmerge.check(method, list(checkpoints), topts, align=align, coeffs=coeffs,
+                          repair=repair_, options=option, data=data)
+    if _taskmerge.streams([*checkpoints, *([topts.base] if topts.base else [])]):
+        _taskmerge.run_streaming(method, list(checkpoints), topts, kw, out, seed=seed,
+                                 force=force, json_=json_, rep=rep)
+    else:
+        _taskmerge.run_in_memory(method, list(checkpoints), topts, kw, out, align=align,
+                                 seed=seed, margs=margs, dargs=dargs, fit_batches=fit_batches,
+                                 bn_reset=bn_reset, force=force, device=device, rep=rep)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("merge")
     def merge_cmd(
         checkpoints: list[str] = typer.Argument(..., help="two or more models"),
         out: str = typer.Option(..., help="where to write the merged model (.safetensors)"),
-        method: str = typer.Option("average", help=", ".join(METHOD_OPTIONS)),
+        method: str = typer.Option("average", help=", ".join((*METHOD_OPTIONS, *TASK_METHODS))
+                                   + " (the last four: task vectors, need --base)"),
+        base: str = typer.Option(None, help="task methods: the pre-trained checkpoint the models "
+                                 "were fine-tuned from (a neuralign file or a checkpoint folder)"),
+        density: float = typer.Option(None, help="ties/dare: fraction of each task vector kept "
+                                      "(default 0.2 for ties, 0.5 for dare)"),
+        scale: float = typer.Option(1.0, help="task methods: base + scale * merged task vector"),
+        combine: str = typer.Option("linear", help="dare: linear or ties"),
+        rescale: str = typer.Option("inverse", help="dare: inverse (1/density), l1 or none"),
+        elect: str = typer.Option("sum", help="ties/dare: sign election by sum or count"),
+        t: float = typer.Option(0.5, "--t", help="slerp: 0 = --base, 1 = the model"),
         align: str = typer.Option("none", help="none, weight, activation or cov: align every "
                                   "model to the first before merging (not for ot/matched/zipit)"),
         repair_: bool = typer.Option(False, "--repair", help="REPAIR the merge of two models "
@@ -117,9 +148,18 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Merge models into one and save it; reports each model's and the merge's accuracy."""
         rep = Report(json_)
+        method = check_choice(method, (*METHOD_OPTIONS, *TASK_METHODS), "--method")
+        topts = _taskmerge.TaskOptions(base, density, scale, combine, rescale, elect, t)
+        if method in TASK_METHODS:
+            _task_merge(method, checkpoints, topts, out, align, coeffs, repair_, option, data,
+                        seed, force, json_, rep, ModelArgs(arch, model_option, allow_pickle),
+                        _data.DataArgs(data, data_seed, data_root, image_size, test_domain),
+                        fit_batches, bn_reset, device)
+            return
+        if topts.given():
+            fail(f"{', '.join(topts.given())} only apply to --method {'|'.join(TASK_METHODS)}")
         if len(checkpoints) < 2:
             fail("merge needs at least two checkpoints")
-        method = check_choice(method, tuple(METHOD_OPTIONS), "--method")
         align = check_choice(align, ALIGN_CHOICES, "--align")
         options = parse_options(option, allowed=METHOD_OPTIONS[method],
                                 what=f"option of --method {method}")
@@ -131,6 +171,12 @@ def register(app: typer.Typer) -> None:
         w = parse_coeffs(coeffs, len(checkpoints), extrapolate)
         check_range(fit_batches, "--fit-batches", lo=1)
         shape = parse_shape(input_shape)
+        if method == "average" and _taskmerge.all_sharded(checkpoints):
+            if align != "none" or repair_ or data is not None:
+                fail("checkpoint folders average out of core: drop --align/--repair/--data")
+            _taskmerge.run_streaming("average", list(checkpoints), topts, {"weights": w}, out,
+                                     seed=seed, force=force, json_=json_, rep=rep)
+            return
         if repair_ and len(checkpoints) != 2:
             fail("--repair merges exactly two models")
         if method in SELF_ALIGNING and align != "none":

@@ -164,6 +164,18 @@ def _features(model, layer, loader, n_examples):
     return torch.cat(hs).double()
 
 
+def _first_inputs(loader, n_examples: int) -> list[torch.Tensor]:
+    """The inputs of the loader's first ``n_examples`` examples, read once."""
+    xs, seen = [], 0
+    for batch in loader:
+        x, _ = split_batch(batch)
+        xs.append(x[: n_examples - seen])
+        seen += len(xs[-1])
+        if seen >= n_examples:
+            break
+    return xs
+
+
 def _init_phi(phi: Phi, ha: torch.Tensor, hb: torch.Tensor) -> None:
     """Least-squares start: ``hb ≈ W ha + c`` (restricted to the kind)."""
     with torch.no_grad():
@@ -228,8 +240,10 @@ def stitch(a: nn.Module, b: nn.Module, layer: str, train_loader: Iterable, *, ki
     base, rank = _parse_kind(kind)
     layer_b = layer_b or layer
     eval_loader = eval_loader if eval_loader is not None else train_loader
-    ha = _features(a, layer, train_loader, n_init)
-    hb = _features(b, layer_b, train_loader, n_init)
+    # both models see the SAME examples: a shuffling loader gives another order on every pass
+    init = _first_inputs(train_loader, n_init)
+    ha = _features(a, layer, init, n_init)
+    hb = _features(b, layer_b, init, n_init)
     if len(ha) != len(hb):
         raise NeuralignError(f"layers {layer!r} and {layer_b!r} give different numbers of "
                              "positions; stitch layers of the same spatial size")

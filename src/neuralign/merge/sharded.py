@@ -272,6 +272,21 @@ def write_sharded(tensors: Callable[[str], torch.Tensor], layout: ShardedCheckpo
     return out
 
 
+_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``. For 16-bit floats this tests the exponent bits on an int16
+    view (``torch.isfinite`` on bfloat16 is many times slower on CPU than the merge itself)."""
+    mask = _EXPONENT.get(t.dtype)
+    if mask is None:
+        return bool(torch.isfinite(t).all())
+    if t.numel() == 0:
+        return True
+    # sign cleared, the bits order like the magnitudes: all-ones exponent (inf, NaN) is >= mask
+    return int((t.reshape(-1).view(torch.int16) & 0x7FFF).max()) < mask
+
+
 def merge_checkpoints(models: Sequence, out, method: str = "linear", *, base=None,
                       overwrite: bool = False, progress=None, dtype: torch.dtype | None = None,
                       **options) -> Path:
@@ -301,7 +316,7 @@ def merge_checkpoints(models: Sequence, out, method: str = "linear", *, base=Non
               if dtype is not None and _DTYPES[d].is_floating_point}
 
     def finite(t: torch.Tensor, ck: ShardedCheckpoint, key: str) -> torch.Tensor:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise CheckpointError(f"{ck.path} has NaN or infinite values in {key!r}; it cannot "
                                   "be merged")
         return t

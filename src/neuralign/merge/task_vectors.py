@@ -265,8 +265,10 @@ def merge_tensor(key: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], 
     for s, e in _chunks(n, chunk):
         bc = b[s:e].to(work)
         xc = [x[s:e].to(work) for x in xs]
-        if method == "linear":
-            oc = sum((wi / tot) * x for wi, x in zip(weights, xc))
+        if method == "linear":  # in place: no temporary per model
+            oc = xc[0] * (weights[0] / tot)  # a new tensor: xc may be views of the inputs
+            for wi, x in zip(weights[1:], xc[1:]):
+                oc.add_(x, alpha=wi / tot)
         elif method == "slerp":
             oc = ca * bc + cb * xc[0]
         else:
