@@ -127,14 +127,14 @@ class _Scratch:
 class ActivationStats:
     """Streaming first and second moments of paired unit activations.
 
-    Totals are kept about a fixed per-unit shift (the first batch's means), in float64, so
-    that large means cost no precision. When the first batch's means lie within
-    ``RAW_MEANS`` standard deviations of zero in every unit (activations after ReLU or a norm
-    layer), each batch's sums, squares and cross-products are taken on the raw activations in
-    their precision (column sums and three GEMMs: no temporaries) and re-centred on the shift
-    in float64; otherwise each batch is centred first (a copy into ``scratch``'s buffers)
-    before the same sums. Either way a batch's float32 rounding error stays small relative to
-    the variances.
+    Totals are kept in float64 about a fixed per-unit shift, each batch's sums and
+    cross-products taken in the activations' precision (one GEMM for the cross-products).
+    When the first batch's means lie within ``RAW_MEANS`` standard deviations of zero in every
+    unit (activations after ReLU or a norm layer) the shift is zero and the sums are taken on
+    the raw activations (no temporaries; squares of narrow layers as a GEMM's diagonal): the
+    float64 totals then lose nothing to the means. Otherwise the shift is the first batch's
+    means and each batch is centred first (into ``scratch``'s reused buffers), so that large
+    means cost no precision either.
     """
 
     RAW_MEANS = 4.0
@@ -148,35 +148,33 @@ class ActivationStats:
     def update(self, za: torch.Tensor, zb: torch.Tensor, scratch: _Scratch | None = None) -> None:
         za, zb = za.float(), zb.float()
         if self.shift_a is None:
-            self.shift_a, self.shift_b = za.mean(0), zb.mean(0)
-            va, vb = ((z - m).square_().mean(0) for z, m in ((za, self.shift_a),
-                                                              (zb, self.shift_b)))
-            self.raw = bool((self.shift_a.square() <= self.RAW_MEANS ** 2 * va).all()
-                            and (self.shift_b.square() <= self.RAW_MEANS ** 2 * vb).all())
+            ma, mb = za.mean(0), zb.mean(0)
+            va, vb = ((z - m).square_().mean(0) for z, m in ((za, ma), (zb, mb)))
+            self.raw = bool((ma.square() <= self.RAW_MEANS ** 2 * va).all()
+                            and (mb.square() <= self.RAW_MEANS ** 2 * vb).all())
+            self.shift_a, self.shift_b = (torch.zeros_like(ma), torch.zeros_like(mb)) \
+                if self.raw else (ma, mb)
             dev = za.device
             self.sa, self.sb, self.saa, self.sbb = (
                 torch.zeros(self.size, dtype=torch.float64, device=dev) for _ in range(4))
             self.sab = torch.zeros(self.size, self.size, dtype=torch.float64, device=dev)
-        rows = za.shape[0]
-        self.n += rows
-        if self.raw:
-            sha, shb = self.shift_a.double(), self.shift_b.double()
-            ra, rb = za.sum(0).double(), zb.sum(0).double()
-            self.sa += ra - rows * sha
-            self.sb += rb - rows * shb
-            self.saa += (za.T @ za).diagonal().double() - 2 * sha * ra + rows * sha * sha
-            self.sbb += (zb.T @ zb).diagonal().double() - 2 * shb * rb + rows * shb * shb
-            self.sab += ((za.T @ zb).double() - torch.outer(sha, rb) - torch.outer(ra, shb)
-                         + rows * torch.outer(sha, shb))
-            return
         scratch = scratch if scratch is not None else _Scratch()
-        ca = torch.sub(za, self.shift_a, out=scratch.get(0, rows, self.size, za))
-        cb = torch.sub(zb, self.shift_b, out=scratch.get(1, rows, self.size, zb))
-        sq = scratch.get(2, rows, self.size, za)
+        rows = za.shape[0]
+        if self.raw:
+            ca, cb = za, zb
+        else:
+            ca = torch.sub(za, self.shift_a, out=scratch.get(0, rows, self.size, za))
+            cb = torch.sub(zb, self.shift_b, out=scratch.get(1, rows, self.size, zb))
+        self.n += rows
         self.sa += ca.sum(0)
         self.sb += cb.sum(0)
-        self.saa += torch.mul(ca, ca, out=sq).sum(0)
-        self.sbb += torch.mul(cb, cb, out=sq).sum(0)
+        if self.size <= 64:  # one read of a narrow matrix instead of a square and a sum
+            self.saa += (ca.T @ ca).diagonal()
+            self.sbb += (cb.T @ cb).diagonal()
+        else:
+            sq = scratch.get(2, rows, self.size, za)
+            self.saa += torch.mul(ca, ca, out=sq).sum(0)
+            self.sbb += torch.mul(cb, cb, out=sq).sum(0)
         self.sab += ca.T @ cb
 
     def _moments(self):
