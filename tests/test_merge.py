@@ -175,6 +175,25 @@ def test_learned_soup_improves_held_out_loss():
         assert torch.allclose(w.sum(0), torch.ones(w.shape[1:]) if w.dim() > 1 else torch.tensor(1.0), atol=1e-5)
 
 
+def test_fisher_of_an_mlp_without_per_example_gradients_matches_vmap(monkeypatch):
+    import neuralign.merge.fisher as fm
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(),
+                        nn.Linear(8, 3))
+    xs = torch.randn(40, 6)
+    batches = list(zip(xs.split(16), torch.randint(0, 3, (40,)).split(16)))
+    assert fm._linear_only(mlp)
+    for empirical in (True, False):
+        fast = fisher_diagonal(mlp, batches, n_examples=37, empirical=empirical)
+        monkeypatch.setattr(fm, "_linear_only", lambda m: False)
+        ref = fisher_diagonal(mlp, batches, n_examples=37, empirical=empirical)
+        monkeypatch.undo()
+        assert sorted(fast) == sorted(ref)
+        for k in ref:
+            torch.testing.assert_close(fast[k], ref[k], rtol=1e-5, atol=1e-9)
+
+
 def test_fisher_equal_fishers_equals_average_and_weights_matter():
     a, b = mlp(seed=0), mlp(seed=1)
     f = fisher_diagonal(a, data(), n_examples=64)

@@ -43,6 +43,22 @@ def test_activation_stats_are_exact_for_large_means_and_any_batching():
         torch.testing.assert_close(st.cov(), ref_cov, atol=2e-3, rtol=1e-3)
 
 
+def test_activation_stats_raw_path_matches_a_float64_reference():
+    """Moderate means (ReLU outputs): sums on the raw activations, no centring copies."""
+    for size in (8, 96):  # squares from a GEMM's diagonal / from a product
+        za = torch.relu(torch.randn(3000, size, generator=G, dtype=torch.float64) + 0.5)
+        zb = torch.relu(za[:, torch.randperm(size, generator=G)] + 0.3 * torch.randn(
+            3000, size, generator=G, dtype=torch.float64))
+        ref = torch.corrcoef(torch.cat([za, zb], 1).T)[:size, size:]
+        ref_cov = torch.cov(torch.cat([za, zb], 1).T, correction=0)[:size, size:]
+        st = ActivationStats(size)
+        for a, b in zip(za.float().split([7, 993, 2000]), zb.float().split([7, 993, 2000])):
+            st.update(a, b)
+        assert st.raw and st.n == 3000
+        torch.testing.assert_close(st.corr(), ref, atol=2e-5, rtol=0)
+        torch.testing.assert_close(st.cov(), ref_cov, atol=2e-5, rtol=1e-4)
+
+
 def test_activation_statistics_pass_keeps_nothing_per_batch():
     """Every probe output is dropped once paired: after each batch none is alive."""
     a, b = _model(0), _model(1)

@@ -108,34 +108,74 @@ class _Capture:
                 self.model(**x) if isinstance(x, dict) else self.model(x)
 
 
+class _Scratch:
+    """Reusable float buffers for the per-batch temporaries of a statistics pass: a fresh
+    multi-megabyte tensor per probe and batch costs page faults (the allocator returns large
+    blocks to the system) that are a sizeable part of the pass; one buffer per shape does not."""
+
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def get(self, slot: int, rows: int, size: int, like: torch.Tensor) -> torch.Tensor:
+        key = (slot, size, like.dtype, like.device)
+        buf = self.bufs.get(key)
+        if buf is None or buf.shape[0] < rows:
+            buf = self.bufs[key] = torch.empty(rows, size, dtype=like.dtype, device=like.device)
+        return buf[:rows]
+
+
 class ActivationStats:
     """Streaming first and second moments of paired unit activations.
 
-    Each batch is centred on a fixed per-unit shift (the first batch's means), its sums and
-    cross-products are taken in the activations' precision (one GEMM) and added to float64
-    totals: exact up to float32 rounding within a batch, with no cancellation from large means.
+    Totals are kept in float64 about a fixed per-unit shift, each batch's sums and
+    cross-products taken in the activations' precision (one GEMM for the cross-products).
+    When the first batch's means lie within ``RAW_MEANS`` standard deviations of zero in every
+    unit (activations after ReLU or a norm layer) the shift is zero and the sums are taken on
+    the raw activations (no temporaries; squares of narrow layers as a GEMM's diagonal): the
+    float64 totals then lose nothing to the means. Otherwise the shift is the first batch's
+    means and each batch is centred first (into ``scratch``'s reused buffers), so that large
+    means cost no precision either.
     """
+
+    RAW_MEANS = 4.0
 
     def __init__(self, size: int):
         self.size, self.n = size, 0
         self.sa = self.sb = self.saa = self.sbb = self.sab = None
         self.shift_a = self.shift_b = None
+        self.raw = False
 
-    def update(self, za: torch.Tensor, zb: torch.Tensor) -> None:
+    def update(self, za: torch.Tensor, zb: torch.Tensor, scratch: _Scratch | None = None) -> None:
         za, zb = za.float(), zb.float()
         if self.shift_a is None:
-            self.shift_a, self.shift_b = za.mean(0), zb.mean(0)
+            ma, mb = za.mean(0), zb.mean(0)
+            va, vb = ((z - m).square_().mean(0) for z, m in ((za, ma), (zb, mb)))
+            self.raw = bool((ma.square() <= self.RAW_MEANS ** 2 * va).all()
+                            and (mb.square() <= self.RAW_MEANS ** 2 * vb).all())
+            self.shift_a, self.shift_b = (torch.zeros_like(ma), torch.zeros_like(mb)) \
+                if self.raw else (ma, mb)
             dev = za.device
             self.sa, self.sb, self.saa, self.sbb = (
                 torch.zeros(self.size, dtype=torch.float64, device=dev) for _ in range(4))
             self.sab = torch.zeros(self.size, self.size, dtype=torch.float64, device=dev)
-        za, zb = za - self.shift_a, zb - self.shift_b
-        self.n += za.shape[0]
-        self.sa += za.sum(0)
-        self.sb += zb.sum(0)
-        self.saa += (za * za).sum(0)
-        self.sbb += (zb * zb).sum(0)
-        self.sab += za.T @ zb
+        scratch = scratch if scratch is not None else _Scratch()
+        rows = za.shape[0]
+        if self.raw:
+            ca, cb = za, zb
+        else:
+            ca = torch.sub(za, self.shift_a, out=scratch.get(0, rows, self.size, za))
+            cb = torch.sub(zb, self.shift_b, out=scratch.get(1, rows, self.size, zb))
+        self.n += rows
+        self.sa += ca.sum(0)
+        self.sb += cb.sum(0)
+        if self.size <= 64:  # one read of a narrow matrix instead of a square and a sum
+            self.saa += (ca.T @ ca).diagonal()
+            self.sbb += (cb.T @ cb).diagonal()
+        else:
+            sq = scratch.get(2, rows, self.size, za)
+            self.saa += torch.mul(ca, ca, out=sq).sum(0)
+            self.sbb += torch.mul(cb, cb, out=sq).sum(0)
+        self.sab += ca.T @ cb
 
     def _moments(self):
         if self.n == 0:
@@ -182,13 +222,14 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
     for (n, i), st in stats.items():
         p = spec.groups[n].probes[i]
         users.setdefault(p.name, []).append((st, p))
+    scratch = _Scratch()
     held: dict[str, list] = {}  # A's outputs of this batch not yet paired (a module called
     # twice in a forward pairs call k of A with call k of B)
 
     def pair(name, out_b):
         out_a = held[name].pop(0)
         for st, p in users[name]:
-            st.update(_units(out_a, p, st.size), _units(out_b, p, st.size))
+            st.update(_units(out_a, p, st.size), _units(out_b, p, st.size), scratch)
 
     def hold(name, out_a):
         held.setdefault(name, []).append(out_a)

@@ -96,14 +96,24 @@ def default_targets(model: nn.Module, example: torch.Tensor) -> list[str]:
     return result
 
 
-def batch_moments(y: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_moments(y: torch.Tensor, dim: int, scratch: dict | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance of ``y`` over every dim but ``dim``, two passes in
     ``y``'s precision on a ``(samples, channels)`` view (a view for channels-last convolution
-    outputs and linear layers; ``torch.var_mean`` over several dims is many times slower)."""
+    outputs and linear layers; ``torch.var_mean`` over several dims is many times slower).
+    ``scratch``: a dict that lends the centred copy's memory across calls (a fresh
+    multi-megabyte temporary per call costs page faults)."""
     z = y.movedim(dim, -1).reshape(-1, y.shape[dim])
     mean = z.mean(0)
-    zc = z - mean
-    return mean, (zc * zc).mean(0)
+    buf = None
+    if scratch is not None:
+        key = (z.shape[1], z.dtype, z.device)
+        buf = scratch.get(key)
+        if buf is None or buf.shape[0] < z.shape[0]:
+            buf = scratch[key] = torch.empty_like(z, memory_format=torch.contiguous_format)
+        buf = buf[:z.shape[0]]
+    zc = torch.sub(z, mean, out=buf) if buf is not None else z - mean
+    return mean, zc.mul_(zc).mean(0)
 
 
 class ChannelMoments:
@@ -111,12 +121,13 @@ class ChannelMoments:
     precision) merged into float64 totals with Chan et al.'s pairwise update, so large
     means cost no precision."""
 
-    def __init__(self):
+    def __init__(self, scratch: dict | None = None):
         self.n, self.mean, self.m2 = 0, None, None
+        self.scratch = scratch
 
     def update(self, y: torch.Tensor, dim: int) -> None:
         nb = y.numel() // y.shape[dim]
-        mean, var = batch_moments(y, dim)
+        mean, var = batch_moments(y, dim, self.scratch)
         mean, var = mean.double(), var.double()
         if self.mean is None:
             self.n, self.mean, self.m2 = nb, mean, var * nb
@@ -158,10 +169,11 @@ def channel_stats_many(models: Sequence[nn.Module], loader: Iterable, names: Seq
     hooks fold each output into running moments as it is computed."""
     accs: list[dict[str, ChannelMoments]] = [{} for _ in models]
     handles, modes = [], [m.training for m in models]
+    scratch: dict = {}
 
     def hook(acc, name, dim):
         def f(mod, inp, out):
-            acc.setdefault(name, ChannelMoments()).update(out, dim)
+            acc.setdefault(name, ChannelMoments(scratch)).update(out, dim)
         return f
 
     for model, acc in zip(models, accs):
@@ -234,10 +246,11 @@ def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: f
 
     run: dict[str, list] = {}
     handles = []
+    scratch: dict = {}
 
     def hook(name, dim):
         def f(mod, inp, out):
-            mu, var = batch_moments(out, dim)
+            mu, var = batch_moments(out, dim, scratch)
             nb = out.numel() // out.shape[dim]
             r = run.setdefault(name, [0.0, 0.0, 0])
             r[0] = r[0] + mu.double()
@@ -248,7 +261,7 @@ def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: f
             shift = gm.to(out.dtype) - mu * scale
             shape = [1] * out.dim()
             shape[dim] = -1
-            return torch.addcmul(shift.view(shape), out, scale.view(shape))
+            return out.mul_(scale.view(shape)).add_(shift.view(shape))  # a fresh output: in place
         return f
 
     for n in targets:
