@@ -111,9 +111,9 @@ def main(argv=None) -> None:
     for r in rows:
         lines.append(f"| {r['case']} | {r['groups']} | {r['start']} | {r['recovered']}/"
                      f"{r['seeds']} | {r['groups_recovered']:.1%} | {r['time_s']:.2f} |")
-    lines += ["", "Paired over the same seeds (same model, same planted permutation): after - "
-              "before in the share of groups recovered, mean ± standard error, and the seeds "
-              "fully recovered only after / only before.", "",
+    lines += ["", ("Paired over the same seeds (same model, same planted permutation): after - "
+                   "before in the share of groups recovered, mean ± standard error, and the seeds "
+                   "fully recovered only after / only before."), "",
               "| model and spec | after - before (groups recovered) | seeds gained / lost |",
               "|---|---|---|"]
     for before, after in zip(rows[::2], rows[1::2], strict=True):
