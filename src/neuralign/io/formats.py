@@ -166,14 +166,20 @@ def _load_index(path: Path, allow_pickle: bool) -> dict:
     return out
 
 
+def _weights_path(path: Path) -> Path:
+    """The weight file of ``path``: itself, or the weights of a Hugging Face model folder."""
+    if not path.is_dir():
+        return path
+    if not is_hf_dir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint (a Hugging Face "
+                              "model directory would hold config.json and weights)")
+    return hf_weight_file(path)
+
+
 def read_tensors(path, *, allow_pickle: bool = False) -> dict:
     """All tensors of a checkpoint (no finiteness check; see ``load_state_dict``)."""
     path = check_exists(path)
-    if path.is_dir():
-        if not is_hf_dir(path):
-            raise CheckpointError(f"{path} is a directory, not a checkpoint (a Hugging Face "
-                                  "model directory would hold config.json and weights)")
-        path = hf_weight_file(path)
+    path = _weights_path(path)
     if path.name.endswith(".index.json"):
         return _load_index(path, allow_pickle)
     if path.stat().st_size == 0:
@@ -193,11 +199,7 @@ def read_tensors(path, *, allow_pickle: bool = False) -> dict:
 
 def _shard_map(path: Path) -> dict[str, Path]:
     """``tensor name -> shard file`` of a safetensors file, an index or an HF directory."""
-    if path.is_dir():
-        if not is_hf_dir(path):
-            raise CheckpointError(f"{path} is a directory, not a checkpoint (a Hugging Face "
-                                  "model directory would hold config.json and weights)")
-        path = hf_weight_file(path)
+    path = _weights_path(path)
     if path.name.endswith(".index.json"):
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
