@@ -127,6 +127,17 @@ def check_range(value, flag: str, *, lo=None, hi=None, lo_open: bool = False,
     return value
 
 
+def parse_floats(text: str, n: int, flag: str, count_note: str = "") -> list[float]:
+    """``n`` comma-separated finite numbers (``--coeffs``), or a one-line error."""
+    try:
+        w = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.3,0.7")
+    if len(w) != n:
+        fail(f"{flag} gives {len(w)} coefficients for {n} models{count_note}")
+    return w
+
+
 def parse_shape(text: str | None, flag: str = "--input-shape") -> tuple[int, ...] | None:
     if text is None:
         return None

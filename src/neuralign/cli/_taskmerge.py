@@ -15,7 +15,7 @@ from pathlib import Path
 from neuralign.cli import _data, _flow
 from neuralign.cli._common import fail, json_safe
 from neuralign.cli._guard import Output, check_outputs
-from neuralign.cli._inputs import check_choice, check_range
+from neuralign.cli._inputs import check_choice, check_range, parse_floats
 
 TASK_METHODS = ("task-arithmetic", "ties", "dare", "slerp")
 INDEX = "model.safetensors.index.json"
@@ -60,13 +60,7 @@ def parse_task_weights(text: str | None, n: int):
     """``--coeffs`` for task methods: one weight per fine-tuned model, not normalised."""
     if text is None:
         return None
-    try:
-        w = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        fail(f"--coeffs {text!r} must be comma-separated numbers, e.g. 0.3,0.7")
-    if len(w) != n:
-        fail(f"--coeffs gives {len(w)} coefficients for {n} models (one per model besides "
-             "--base)")
+    w = parse_floats(text, n, "--coeffs", " (one per model besides --base)")
     for x in w:
         check_range(x, "--coeffs")
     return w

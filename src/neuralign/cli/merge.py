@@ -27,7 +27,7 @@ from neuralign.cli._common import (
     parse_options,
     warn,
 )
-from neuralign.cli._inputs import check_choice, check_range, parse_shape
+from neuralign.cli._inputs import check_choice, check_range, parse_floats, parse_shape
 from neuralign.cli._models import ModelArgs
 
 ALIGN_CHOICES = ("none", "weight", "activation", "cov")
@@ -66,12 +66,7 @@ def align_to_first(models, align, loader, seed=0, example=None):
 def parse_coeffs(text: str | None, n: int, extrapolate: bool, flag: str = "--coeffs"):
     if text is None:
         return None
-    try:
-        w = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        fail(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.3,0.7")
-    if len(w) != n:
-        fail(f"{flag} gives {len(w)} coefficients for {n} models")
+    w = parse_floats(text, n, flag)
     for x in w:
         check_range(x, flag, lo=None if extrapolate else 0.0, hi=None if extrapolate else 1.0)
     total = sum(w)
