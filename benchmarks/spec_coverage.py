@@ -109,7 +109,11 @@ def write(rows, out_dir: Path) -> None:
         {"summary": summary, "goal_met": bool(goal), "rows": rows}, indent=1))
     lines = ["# Spec coverage over the model zoo", "",
              ("Written by `python benchmarks/spec_coverage.py` (random weights, small inputs, "
-             "batch 2, eval mode, batch-norm statistics and norm parameters randomised). "
+             "batch 2, eval mode, batch-norm statistics and norm parameters randomised; "
+             "seed 0 for the weights, the input and the permutation of each model). "
+             "This is a per-model pass/fail check of an exact identity, not a comparison "
+             "between methods: there is nothing to pair or average, and one WRONG verdict at "
+             "any seed would be a bug (the default test suite also runs a slice of the zoo). "
              "Per model: the spec is derived with `spec_from_model`, a random permutation of "
              "every group is applied, and every output is compared. **exact**: the largest "
              "difference is below 1e-4 of the output scale; **refused**: a one-line "
