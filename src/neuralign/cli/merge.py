@@ -38,9 +38,9 @@ METHOD_OPTIONS = {
     "learned-soup": ("epochs", "lr", "max_batches"),
     "learned-soup-layer": ("epochs", "lr", "max_batches"),
     "fisher": ("n_examples", "eps"),
-    "ot": ("reference", "ground", "n_samples"),
+    "ot": ("reference", "ground", "n_samples"),  # ground: weight, activation, preactivation
     "matched": ("slack", "growth_penalty", "max_width", "n_iter"),
-    "zipit": ("stop_at", "within", "n_samples"),
+    "zipit": ("stop_at", "alpha", "beta", "within", "n_samples"),
 }
 NEEDS_DATA = ("greedy-soup", "learned-soup", "learned-soup-layer", "zipit", "fisher")
 SELF_ALIGNING = ("ot", "matched", "zipit")
