@@ -37,7 +37,7 @@ METHOD_OPTIONS = {
     "average": (), "uniform-soup": (), "greedy-soup": (),
     "learned-soup": ("epochs", "lr", "max_batches"),
     "learned-soup-layer": ("epochs", "lr", "max_batches"),
-    "fisher": ("n_examples", "eps"),
+    "fisher": ("n_examples", "labels", "normalize", "fisher_floor", "favor_target"),
     "ot": ("reference", "ground", "n_samples"),  # ground: weight, activation, preactivation
     "matched": ("slack", "growth_penalty", "max_width", "n_iter"),
     "zipit": ("stop_at", "alpha", "beta", "within", "n_samples"),
