@@ -133,7 +133,10 @@ def register(app: typer.Typer) -> None:
         input_shape: str = INPUT_SHAPE_OPT,
         seed: int = typer.Option(0),
         option: list[str] = typer.Option(None, "--option", "-o", help="method option key=value "
-                                         "(e.g. ground=activation, stop_at=2, max_width=64)"),
+                                         "(e.g. ot: ground=activation|preactivation|weight; "
+                                         "zipit: stop_at=2 alpha=0.3 beta=0.125; fisher: "
+                                         "labels=expected|empirical normalize=true; matched: "
+                                         "max_width=64)"),
         arch: str = ARCH_OPT,
         model_option: list[str] = MODEL_KW_OPT,
         allow_pickle: bool = PICKLE_OPT,
