@@ -81,6 +81,7 @@ def test_merging_a_permuted_copy_gives_the_model_back(kind, order, bias):
         "matched(seed 1)": matched_averaging([a, b], seed=1).model,
         "ot weight": ot_fusion([a, b]).model,
         "ot activation": ot_fusion([a, b], ground="activation", loader=loader).model,
+        "ot preactivation": ot_fusion([a, b], ground="preactivation", loader=loader).model,
     }
     for name, m in got.items():
         torch.testing.assert_close(m.eval()(x), ref, rtol=1e-4, atol=1e-4, msg=name)
@@ -102,6 +103,20 @@ def test_matched_averaging_weights_batch_norm_after_the_activation():
     b = permuted(a, x, seed=2)
     res = matched_averaging([b, a, b], seed=0)
     torch.testing.assert_close(res.model.eval()(x), a(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_inputs_are_left_as_they_were():
+    a = make("conv", "relu-bn", True).train()
+    x = inputs()
+    b = permuted(a.eval(), x).train()
+    a.train()
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (a, b)]
+    zipit([a, b], [(x, None)])
+    ot_fusion([a, b], ground="activation", loader=[(x, None)])
+    matched_averaging([a, b])
+    for m, sd in zip((a, b), before):
+        assert all(mod.training for mod in m.modules())
+        assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
 
 
 def test_a_norm_outside_the_hidden_layers_is_refused():

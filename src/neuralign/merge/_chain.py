@@ -179,21 +179,26 @@ def chain_features(model: nn.Module, nodes: list[str], loader: Iterable, n_sampl
     ``n_samples`` inputs of ``loader``, in eval mode: one (rows, units) float64 matrix per node
     (conv outputs contribute one row per position; at most ``4 * n_samples`` rows, a seeded
     random subset)."""
-    gm = _trace(model)
+    gm = _trace(model)  # shares the model's submodules: their train/eval flags are restored
+    modes = [(m, m.training) for m in model.modules()]
     gm.eval()
     rec = _Recorder(gm, set(nodes))
     acts: dict[str, list] = {n: [] for n in nodes}
     seen = 0
-    for batch in loader:
-        x, _ = split_batch(batch)
-        rec.seen = {}
-        rec.run(x.to(model_device(model)))
-        for n in nodes:
-            o = rec.seen[n]
-            acts[n].append(o.movedim(1, -1).reshape(-1, o.shape[1]) if o.dim() > 2 else o)
-        seen += len(x)
-        if seen >= n_samples:
-            break
+    try:
+        for batch in loader:
+            x, _ = split_batch(batch)
+            rec.seen = {}
+            rec.run(x.to(model_device(model)))
+            for n in nodes:
+                o = rec.seen[n]
+                acts[n].append(o.movedim(1, -1).reshape(-1, o.shape[1]) if o.dim() > 2 else o)
+            seen += len(x)
+            if seen >= n_samples:
+                break
+    finally:
+        for m, mode in modes:
+            m.train(mode)
     if seen == 0:
         raise DataError(f"the data loader yielded no batches; pass a non-empty loader for the {what}")
     g = torch.Generator().manual_seed(0)
