@@ -214,6 +214,12 @@ def chain_features(model: nn.Module, nodes: list[str], loader: Iterable, n_sampl
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
+def cpu_state(sd: dict) -> dict:
+    """The state dict's tensors on the CPU (the chain methods compute there; :func:`build_chain`
+    puts the result on the template's device)."""
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+
+
 def layer_tensors(sd: dict, layers: list[ChainLayer]) -> list[dict]:
     """Per layer: ``w`` as (out, n_in_units, rest), ``b`` (out,) or None, ``norm`` (4 k, out) or
     None (the k batch norms' weight, bias, running mean and running variance, stacked)."""

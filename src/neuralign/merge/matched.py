@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from neuralign.errors import NeuralignError
-from neuralign.merge._chain import build_chain, chain_layers, layer_tensors
+from neuralign.merge._chain import build_chain, chain_layers, cpu_state, layer_tensors
 from neuralign.merge._util import as_state_dict, check_finite, normalize_weights
 
 
@@ -100,7 +100,7 @@ def matched_averaging(models: Sequence[nn.Module], *, weights: Sequence[float] |
     if J == 0:
         raise ValueError("matched_averaging needs at least one model")
     w = normalize_weights(weights, J)
-    sds = [as_state_dict(m) for m in models]
+    sds = [cpu_state(as_state_dict(m)) for m in models]
     for i, sd in enumerate(sds):
         check_finite(sd, f"model {i}")
     layers_all = [chain_layers(m) for m in models]

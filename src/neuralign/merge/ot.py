@@ -32,6 +32,7 @@ from neuralign.merge._chain import (
     build_chain,
     chain_features,
     chain_layers,
+    cpu_state,
     layer_tensors,
     transport_cols,
     transport_rows,
@@ -72,7 +73,7 @@ def ot_fusion(models: Sequence[nn.Module], *, weights: Sequence[float] | None = 
     w = normalize_weights(weights, len(models))
     ref = models[reference]
     ref_layers = chain_layers(ref)
-    sds = [as_state_dict(m) for m in models]
+    sds = [cpu_state(as_state_dict(m)) for m in models]
     for i, sd in enumerate(sds):
         check_finite(sd, f"model {i}")
     per_model_layers = [chain_layers(m) for m in models]

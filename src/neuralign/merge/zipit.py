@@ -41,6 +41,7 @@ from neuralign.merge._chain import (
     build_chain,
     chain_features,
     chain_layers,
+    cpu_state,
     layer_tensors,
     transport_cols,
     transport_rows,
@@ -175,7 +176,7 @@ def zipit(models, loader: Iterable, *, stop_at: int | None = None, alpha: float 
         raise NeuralignError(f"zipit alpha must be in [0, 1] (0: no multi-way merges), got {alpha}")
     if not 0.0 <= float(beta) <= 1.0:
         raise NeuralignError(f"zipit beta must be in [0, 1] (0: no same-model merges), got {beta}")
-    sds = [as_state_dict(m) for m in models]
+    sds = [cpu_state(as_state_dict(m)) for m in models]
     for i, sd in enumerate(sds):
         check_finite(sd, f"model {i}")
     check_same_architecture(sds)
