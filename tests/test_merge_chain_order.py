@@ -125,3 +125,42 @@ def test_a_norm_outside_the_hidden_layers_is_refused():
                                 nn.BatchNorm1d(3))):
         with pytest.raises(ArchitectureMismatchError, match="batch norm"):
             ot_fusion([model.eval(), model.eval()])
+
+
+class _Transposed(nn.Module):
+    """A chain with an operation between its layers that mixes units across positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x.flatten(1)[:, :4]))
+        return self.fc2(h.transpose(0, 1).contiguous().transpose(0, 1).roll(1, dims=1))
+
+
+class _Functional(nn.Module):
+    """The same chain written with torch functions instead of modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        h = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.c2(h)), 1)
+        return self.fc(torch.flatten(h, 1))
+
+
+def test_operations_between_layers_are_known_or_refused():
+    with pytest.raises(ArchitectureMismatchError, match="not one the chain view knows"):
+        ot_fusion([_Transposed().eval(), _Transposed().eval()])
+    torch.manual_seed(0)
+    a = _Functional().eval()
+    x = inputs()
+    b = permuted(a, x)
+    for m in (zipit([a, b], [(x, None)]).model, ot_fusion([a, b]).model,
+              matched_averaging([a, b], seed=1).model):
+        torch.testing.assert_close(m.eval()(x), a(x), rtol=1e-4, atol=1e-4)
+

@@ -34,6 +34,11 @@ _PASS_MODULES = (nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPoo
                  nn.Identity) + _ACT_MODULES + _BN
 _ACT_FUNCTIONS = (F.relu, torch.relu, F.gelu, torch.tanh, torch.sigmoid, F.silu, F.leaky_relu, F.elu)
 _ACT_METHODS = ("relu", "tanh", "sigmoid")
+# functions and tensor methods that act per unit (or only reshape / pool within a unit's map)
+_PASS_FUNCTIONS = _ACT_FUNCTIONS + (
+    torch.flatten, F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d)
+_PASS_METHODS = _ACT_METHODS + ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze")
 _CHAIN_HINT = "OT fusion, matched averaging and ZipIt support MLP/VGG-style chains only"
 
 
@@ -144,20 +149,23 @@ def _weighted_source(node: fx.Node, mods, strict: bool = True) -> tuple[fx.Node 
                 cur = cur.args[0]
                 continue
             raise ArchitectureMismatchError(f"module '{cur.target}' ({type(m).__name__}) breaks the chain")
-        if cur.op == "call_method" and cur.target in ("view", "reshape", "flatten", "relu",
-                                                      "contiguous", "squeeze", "unsqueeze"):
+        if (cur.op == "call_method" and cur.target in _PASS_METHODS) or (
+                cur.op == "call_function" and cur.target in _PASS_FUNCTIONS):
             path.append(cur)
             cur = cur.args[0]
             continue
+        if not strict:
+            return None, path[::-1]
         tensor_args = [a for a in cur.args if isinstance(a, fx.Node)]
         if len(tensor_args) != 1:
-            if not strict:
-                return None, path[::-1]
             raise ArchitectureMismatchError(
                 f"the model is not a sequential chain: the graph merges several tensors at "
                 f"'{cur.name}' (residual connections or concatenation); {_CHAIN_HINT}")
-        path.append(cur)
-        cur = tensor_args[0]
+        what = cur.target if isinstance(cur.target, str) else getattr(cur.target, "__name__", cur.target)
+        raise ArchitectureMismatchError(
+            f"operation '{what}' at '{cur.name}' between two Conv/Linear layers is not one the "
+            f"chain view knows to act per unit (activations, norms, pooling, dropout, flatten); "
+            f"{_CHAIN_HINT}")
 
 
 class _Recorder(fx.Interpreter):
