@@ -60,6 +60,10 @@ def test_ot_activation_cost_is_post_activation_and_preactivation_is_an_option():
     assert post[1, 0] == pytest.approx(0.5) and post[0, 1] == pytest.approx(0.5)
     pre = ot_fusion([a, b], ground="preactivation", loader=loader).transports[1][0]
     assert pre[0, 0] == pytest.approx(0.5) and pre[1, 1] == pytest.approx(0.5)
+    for m in (a, b):  # an in-place ReLU does not overwrite the recorded pre-activations
+        m[1] = nn.ReLU(inplace=True)
+    pre = ot_fusion([a, b], ground="preactivation", loader=loader).transports[1][0]
+    assert pre[0, 0] == pytest.approx(0.5) and pre[1, 1] == pytest.approx(0.5)
 
 
 def _features(cols, rows=20000, seed=0):

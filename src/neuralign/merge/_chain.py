@@ -175,8 +175,8 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n):
         out = super().run_node(n)
-        if n.name in self.wanted:
-            self.seen[n.name] = out.detach()
+        if n.name in self.wanted:  # a copy: a later in-place op (ReLU(inplace=True)) would change it
+            self.seen[n.name] = out.detach().clone()
         return out
 
 
