@@ -57,6 +57,7 @@ CFG = {
     "ta_scales": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0], "ties_density": 0.2,
     "ties_scales": [0.2, 0.4, 0.6, 1.0, 1.4], "dare_density": 0.3,
     "dare_scales": [0.1, 0.15, 0.2, 0.3, 0.5], "version": 1,
+    "merge_version": 2,  # 2: expected Fisher (Matena & Raffel), normalised; results only
 }
 # what the fine-tuned weights depend on: their cache is keyed by these alone
 TRAIN_KEYS = ("tasks", "n_train", "max_len", "batch", "epochs", "lr", "weight_decay", "warmup",
@@ -161,23 +162,31 @@ def finetune(encoder: nn.Module, heads: dict[str, nn.Linear], tasks: dict, names
 
 
 def fisher(encoder: nn.Module, head: nn.Linear, ids: torch.Tensor, y: torch.Tensor
-           ) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of the encoder's parameters, one example at a time (no padding);
-    neuralign's vmap-based ``fisher_diagonal`` cannot trace Hugging Face's attention masks."""
+           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Diagonal Fishers of the encoder's parameters, one example at a time (no padding):
+    ``(expected, empirical)``. Expected: ``sum_c p(c|x) (d log p(c|x))^2``, the exact expectation
+    under the model's own predictions (Matena & Raffel); empirical: the true label's term. One
+    forward and one backward per class and example; neuralign's vmap-based ``fisher_diagonal``
+    cannot trace Hugging Face's attention masks."""
     encoder.eval()
-    params = dict(encoder.named_parameters())
-    acc_ = {k: torch.zeros_like(p) for k, p in params.items()}
+    params = {k: p for k, p in encoder.named_parameters() if p.requires_grad}
+    exp_ = {k: torch.zeros_like(p) for k, p in params.items()}
+    emp_ = {k: torch.zeros_like(p) for k, p in params.items()}
     n = min(CFG["fisher_n"], len(y))
     for i in range(n):
         x = ids[i:i + 1]
         x = x[:, :int((x != 0).sum())]
-        encoder.zero_grad()
-        F.cross_entropy(head(pooled(encoder, x)), y[i:i + 1]).backward()
-        for k, p in params.items():
-            if p.grad is not None:
-                acc_[k] += p.grad.detach() ** 2
-    encoder.zero_grad()
-    return {k: v / n for k, v in acc_.items()}
+        logp = F.log_softmax(head(pooled(encoder, x)), dim=-1)[0]
+        prob = logp.detach().exp()
+        for c in range(logp.numel()):
+            grads = torch.autograd.grad(logp[c], list(params.values()), retain_graph=True,
+                                        allow_unused=True)
+            for (k, _), g in zip(params.items(), grads):
+                if g is not None:
+                    exp_[k].add_(g.square(), alpha=float(prob[c]))
+                    if c == int(y[i]):
+                        emp_[k].add_(g.square())
+    return ({k: v / n for k, v in exp_.items()}, {k: v / n for k, v in emp_.items()})
 
 
 # ----------------------------------------------------------------------------- caching
@@ -246,14 +255,16 @@ def run_seed(seed: int, base_sd: dict, encoder: nn.Module, tasks: dict, pre_z: d
             log(f"  seed {seed} {tag}: trained in {res['time'][tag]:.0f}s")
         return {k: v.clone() for k, v in encoder.state_dict().items()}, heads
 
-    fts, heads, fishers = [], {}, []
+    fts, heads, fishers, emp_fishers = [], {}, [], []
     for t in names:
         sd, h = trained(t, [t])
         fts.append(sd)
         heads[t] = h[t]
         ts = time.time()
         ids, y = tasks[t]["splits"]["train"]
-        fishers.append(fisher(encoder, heads[t], ids, y))
+        expected, empirical = fisher(encoder, heads[t], ids, y)
+        fishers.append(expected)
+        emp_fishers.append(empirical)
         res["time"].setdefault("fisher", 0.0)
         res["time"]["fisher"] += time.time() - ts
     mt_sd, mt_heads = trained("multitask", names)
@@ -289,7 +300,10 @@ def run_seed(seed: int, base_sd: dict, encoder: nn.Module, tasks: dict, pre_z: d
     select(f"DARE + task arithmetic (density {CFG['dare_density']:g})",
            lambda s: dare_merge(base_sd, fts, density=CFG["dare_density"], scale=s, seed=seed),
            CFG["dare_scales"])
-    res["test"]["Fisher merge"] = evaluate(fisher_merge(fts, fishers), "test")
+    # every task model floored alike (favor_target=False): no task is the "target" here
+    res["test"]["Fisher merge"] = evaluate(fisher_merge(fts, fishers, favor_target=False), "test")
+    res["test"]["Fisher merge (empirical Fisher, unnormalised)"] = evaluate(
+        fisher_merge(fts, emp_fishers, normalize=False, favor_target=False), "test")
     res["test"]["uniform soup"] = evaluate(task_arithmetic(base_sd, fts, scale=1 / len(fts)),
                                            "test")
     res["time"]["evaluation"] = time.time() - ts
