@@ -212,6 +212,20 @@ def test_client_sampling_is_seeded():
     assert other["sampled"] != a["sampled"]  # the task's seed does
 
 
+def test_sampling_keeps_64_bit_node_ids_exact():
+    from neuralign.federated.rounds import sample_nodes
+
+    class _Grid:  # SuperLink node ids are unsigned 64-bit integers
+        def get_node_ids(self):
+            return [15309221318880358887, 6451705859976080554, 2**64 - 1]
+
+    for frac in (1.0, 0.5):
+        sample, note = sample_nodes(_Grid(), 1, seed=0, fraction=frac, min_clients=1,
+                                    node_timeout=0)
+        assert set(sample) <= set(_Grid().get_node_ids()) and note is None
+    assert len(sample) == 1
+
+
 # -- 3. checkpoints, resume, init ----------------------------------------------------------------
 
 @pytest.mark.timeout(120)

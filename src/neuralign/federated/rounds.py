@@ -63,7 +63,8 @@ def sample_nodes(grid, server_round: int, *, seed: int, fraction: float, min_cli
         online = sorted(int(n) for n in grid.get_node_ids())
     k = min(len(online), max(int(len(online) * fraction), min_clients))
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(server_round)])
-    sample = sorted(int(n) for n in rng.choice(online, size=k, replace=False)) if k else []
+    # draw positions, not ids: node ids are unsigned 64-bit and numpy would round them
+    sample = sorted(online[int(i)] for i in rng.choice(len(online), size=k, replace=False))
     note = None
     if len(online) < min_clients:
         note = (f"only {len(online)} node(s) online after waiting {node_timeout:g} s for "
