@@ -199,6 +199,35 @@ def test_node_that_leaves_after_round_1_does_not_stall_the_run():
     assert h["sampled"]["3"] == [1000, 1001]
 
 
+@pytest.mark.timeout(60)
+def test_lost_node_answered_for_by_the_superlink_counts_once():
+    from flwr.app import Error, Message
+
+    from neuralign.federated.local_grid import LocalGrid
+    from neuralign.federated.server import run_server
+
+    class _LinkLike(LocalGrid):
+        """As a SuperLink: messages get ids when pushed, and a lost node's reply is an error
+        from the SuperLink itself (node id 1) that names the message it answers."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages, out = list(messages), []
+            for m in messages:
+                m.metadata.__dict__["_message_id"] = f"msg-{m.metadata.dst_node_id}"
+                if m.metadata.dst_node_id == 1002:
+                    err = Message(Error(5, "Node Unavailable"), reply_to=m)
+                    err.metadata.__dict__["_src_node_id"] = 1
+                    out.append(err)
+                else:
+                    out += super().send_and_receive([m])
+            return out
+
+    cfg = build_run_config(TASK, "fedavg", 1)
+    h = run_server(_LinkLike(_Spy(), 3, cfg), cfg)
+    assert h["participants"] == {"1": 2}
+    assert h["failures"]["1"] == ["node 1002: error: Node Unavailable"]
+
+
 @pytest.mark.timeout(120)
 def test_client_sampling_is_seeded():
     runs = []

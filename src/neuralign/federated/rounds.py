@@ -93,15 +93,23 @@ def run_rounds(strategy, grid, arrays, hist: dict, *, first_round: int, num_roun
         sample, note = sample_nodes(grid, r, seed=seed, fraction=fraction,
                                     min_clients=min_clients, node_timeout=node_timeout)
         notes = [note] if note else []
-        replies, sent = [], []
+        replies, sent, origin = [], [], {}
         if sample:
             msgs = list(strategy.configure_train(r, arrays, ConfigRecord(dict(train_config)),
                                                  SampledGrid(grid, sample)))
             sent = sorted(m.metadata.dst_node_id for m in msgs)
-            replies = sorted(grid.send_and_receive(msgs, timeout=timeout),
-                             key=lambda m: m.metadata.src_node_id)
-        got = {m.metadata.src_node_id for m in replies}
-        notes += [f"node {m.metadata.src_node_id}: error: {_error_line(m)}"
+            replies = list(grid.send_and_receive(msgs, timeout=timeout))
+            # the SuperLink answers for a lost node itself (src = the SuperLink's id): find
+            # the node from the message the reply answers (ids are set when pushed)
+            origin = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs
+                      if m.metadata.message_id}
+
+        def node_of(m):
+            return origin.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+
+        replies.sort(key=node_of)
+        got = {node_of(m) for m in replies}
+        notes += [f"node {node_of(m)}: error: {_error_line(m)}"
                   for m in replies if m.has_error()]
         notes += [f"node {n}: no reply within round-timeout={timeout:g} s (slow, crashed or "
                   "lost)" for n in sent if n not in got]
