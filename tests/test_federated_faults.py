@@ -370,3 +370,28 @@ def test_node_data_file_is_validated(tmp_path):
         load_node_data(p)
     with pytest.raises(DataError, match="not found"):
         load_node_data(tmp_path / "missing")
+
+
+def test_federated_docs_command_lines_use_existing_options():
+    import re
+    import shlex
+    from pathlib import Path
+
+    import click
+    import typer
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "federated.md").read_text()
+    cmd = typer.main.get_command(app).commands["federate"]
+    opts = {o for p in cmd.params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts}
+    lines = [shlex.split(line.split(" #")[0])[2:]
+             for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+             for line in block.replace("\\\n", " ").splitlines()
+             if line.startswith("neuralign federate")]
+    assert len(lines) >= 5
+    for args in lines:
+        for tok in args:
+            if tok.startswith("--"):
+                assert tok.split("=")[0] in opts, f"docs/federated.md: no option {tok}"
+    for flag in ("--round-timeout", "--node-timeout", "--checkpoint-dir", "--resume", "--init",
+                 "--client-data", "--write-node-data"):
+        assert flag in text and flag in opts
