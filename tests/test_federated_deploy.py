@@ -204,7 +204,7 @@ def test_lost_supernode_and_killed_server_resume_on_the_deployment_engine(tmp_pa
     write_flower_app(app, build_run_config(task, "fedavg", 4, round_timeout=240.0,
                                            node_timeout=20.0, checkpoint_dir=str(ck)),
                      name="neuralign-fl-faults")
-    (link_port,) = _free_ports(1)
+    link_port, *node_ports = _free_ports(4)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\n'
         "insecure = true\n")
@@ -238,11 +238,12 @@ def test_lost_supernode_and_killed_server_resume_on_the_deployment_engine(tmp_pa
     try:
         link = start_link("")
         nodes = [start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink",
-                                          f"127.0.0.1:{link_port}", "--node-config",
+                                          f"127.0.0.1:{link_port}", "--host", "127.0.0.1",
+                                          "--port", str(port), "--node-config",
                                           f'data-path="{f}" partition-id={i}'])
-                 for i, f in enumerate(files)]
+                 for i, (f, port) in enumerate(zip(files, node_ports))]
         _wait_for(lambda: (tmp_path / "superlink.log").read_text().count("Activated node_id")
-                  >= 3, deadline, [link], "the three SuperNodes to connect")
+                  >= 3, deadline, [link, *nodes], "the three SuperNodes to connect")
         flwr_run()
         _wait_for(lambda: (_history(ck / "history.json") or {}).get("round", [0])[-1] >= 1,
                   deadline, [link], "round 1")

@@ -104,7 +104,7 @@ def run_rounds(strategy, grid, arrays, hist: dict, *, first_round: int, num_roun
             origin = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs
                       if m.metadata.message_id}
 
-        def node_of(m):
+        def node_of(m, origin=origin):
             return origin.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
 
         replies.sort(key=node_of)

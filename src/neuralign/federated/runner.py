@@ -2,10 +2,9 @@
 
 ``engine="inprocess"`` (default) runs the ServerApp's round loop against a :class:`LocalGrid`
 that calls the ClientApp in this process; ``engine="simulation"`` uses Flower's simulation
-engine (Ray backend, one worker per CPU) with the very same ServerApp / ClientApp. Flower 1.42
-marks ``flwr.simulation.run_simulation`` deprecated in favour of ``flwr run`` (a command line,
-not a Python API); it is still the only in-Python entry to the simulation engine, so
-``engine="simulation"`` uses it, through public API only.
+engine (Ray backend) with the very same ServerApp / ClientApp, started the way Flower 1.42 asks
+instead of the deprecated ``run_simulation``: ``flower-superlink --simulation`` and ``flwr run``
+(:mod:`neuralign.federated.launch`).
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
                            resume=bool(resume) or None, init=init, save_model=save_model)
     check_before_start(task, cfg)
     from neuralign.federated.client import make_client_app
-    from neuralign.federated.server import LAST_RESULT, make_server_app, run_server
+    from neuralign.federated.server import LAST_RESULT, run_server
 
     _quiet_flower(verbose)
 
@@ -96,45 +95,12 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
         grid = LocalGrid(make_client_app(), task.num_partitions, cfg,
                          client_timeout=round_timeout)
         return run_server(grid, cfg)
-    from flwr.simulation import run_simulation
+    from neuralign.federated.launch import run_on_simulation_engine
 
     LAST_RESULT.clear()
-    run_simulation(server_app=make_server_app(run_config=cfg),
-                   client_app=_with_run_config(make_client_app(), cfg),
-                   num_supernodes=task.num_partitions,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
-    if not LAST_RESULT:
-        raise NeuralignError("the Flower simulation finished without a result; see its log")
-    return dict(LAST_RESULT)
-
-
-def with_run_config(context, cfg: dict):
-    """A copy of a Flower ``Context`` whose run config is extended by ``cfg`` (Flower forbids
-    changing ``run_config`` in place)."""
-    from flwr.app import Context
-
-    return Context(run_id=context.run_id, node_id=context.node_id,
-                   node_config=context.node_config, state=context.state,
-                   run_config={**dict(context.run_config), **cfg})
-
-
-def _with_run_config(client_app, cfg: dict):
-    """A ClientApp that runs ``client_app`` (through its public call) with ``cfg`` added to
-    the run config: ``run_simulation`` has no run-config argument."""
-    from flwr.clientapp import ClientApp
-
-    outer = ClientApp()
-
-    @outer.train()
-    def _train(msg, context):
-        return client_app(msg, with_run_config(context, cfg))
-
-    @outer.evaluate()
-    def _evaluate(msg, context):
-        return client_app(msg, with_run_config(context, cfg))
-
-    return outer
+    hist = run_on_simulation_engine(cfg, task.num_partitions, verbose=verbose)
+    LAST_RESULT.update(hist)
+    return hist
 
 
 def _quiet_flower(verbose: bool) -> None:
