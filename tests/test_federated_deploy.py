@@ -202,7 +202,7 @@ def test_lost_supernode_and_killed_server_resume_on_the_deployment_engine(tmp_pa
                    output=str(out))
     files = write_node_data(task, tmp_path / "data")
     write_flower_app(app, build_run_config(task, "fedavg", 4, round_timeout=240.0,
-                                           node_timeout=20.0, checkpoint_dir=str(ck)),
+                                           node_timeout=30.0, checkpoint_dir=str(ck)),
                      name="neuralign-fl-faults")
     link_port, *node_ports = _free_ports(4)
     (home / "config.toml").write_text(
@@ -221,9 +221,10 @@ def test_lost_supernode_and_killed_server_resume_on_the_deployment_engine(tmp_pa
                                       stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
         return procs[-1]
 
-    def start_link(tag):
+    def start_link(tag):  # its state in a file: a restarted SuperLink knows its SuperNodes
         link = start(f"superlink{tag}", ["flower-superlink", "--insecure",
                                          "--disable-runtime-dependency-installation",
+                                         "--database", str(tmp_path / "superlink.db"),
                                          "--host", "127.0.0.1", "--port", str(link_port)])
         assert _wait_port(link_port, link, deadline), \
             (tmp_path / f"superlink{tag}.log").read_text()[-2000:]
@@ -255,7 +256,8 @@ def test_lost_supernode_and_killed_server_resume_on_the_deployment_engine(tmp_pa
         before = _history(ck / "history.json")  # the last checkpoint written
         link = start_link("-restarted")
         _wait_for(lambda: (tmp_path / "superlink-restarted.log").read_text().count(
-            "Activated node_id") >= 2, deadline, [link], "the two SuperNodes to reconnect")
+            'pull-messages HTTP/1.1" 200') >= 4, deadline, [link, *nodes[:2]],
+            "the two SuperNodes to reconnect")
         flwr_run("--run-config", "resume=true")
         _wait_for(out.exists, deadline, [link], "the resumed run's result")
         hist = json.loads(out.read_text())

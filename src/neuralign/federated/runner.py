@@ -41,7 +41,7 @@ def check_before_start(task: FedTask, cfg: dict) -> None:
 
 
 def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds: int = 3, *,
-                  engine: str = "inprocess", round_timeout: float | None = None,
+                  engine: str = "inprocess", round_timeout: float | None = 600.0,
                   client_timeout: float | None = None, node_timeout: float = 0.0,
                   fraction: float = 1.0, min_clients: int | None = None, min_replies: int = 1,
                   proximal_mu: float = 0.01, anchor_ratio: float = 0.4,
@@ -58,7 +58,7 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
     aggregated), ``sampled`` (node ids, seeded by ``task.seed``) and ``skipped`` rounds.
 
     ``round_timeout``: seconds a round waits for a client (in process: each client's budget;
-    a client still running then is dropped). ``node_timeout``: seconds a round waits for
+    a client still running then is dropped; None: no limit in process, 600 s elsewhere). ``node_timeout``: seconds a round waits for
     ``min_clients`` nodes to be online before it samples those that are. ``checkpoint_dir``:
     a checkpoint after every round; ``resume=True`` continues from it. ``init``: a
     ``.safetensors`` state dict of the task's model to start from. ``save_model`` writes the
@@ -73,7 +73,7 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
             raise NeuralignError(f"run_federated: {exc}") from None
     if engine not in ("inprocess", "simulation"):
         raise NeuralignError(f"unknown engine {engine!r}; use 'inprocess' or 'simulation'")
-    if round_timeout is None:
+    if client_timeout is not None:
         round_timeout = client_timeout  # the older name
     cfg = build_run_config(task, strategy, rounds, fraction=fraction, min_clients=min_clients,
                            min_replies=min_replies, round_timeout=round_timeout,

@@ -84,7 +84,7 @@ def run_server(grid, run_config: dict) -> dict:
         check_partitions(task)
     name = str(run_config.get("strategy", "fedavg")).lower()
     rounds = int(run_config.get("num-rounds", 3))
-    timeout = float(run_config.get("round-timeout", 3600))
+    timeout = float(run_config.get("round-timeout", 600))
     node_timeout = float(run_config.get("node-timeout", 0))
     min_clients = int(run_config.get("min-clients", 0)) or None
     min_replies = int(run_config.get("min-replies", 1))

@@ -78,7 +78,7 @@ def check_run_config(cfg) -> None:
         _need(v >= 0, f"{key} must be >= 0, got {v}")
     ratio = _num(cfg, "anchor-ratio", 0.4)
     _need(0 <= ratio < 1, f"anchor-ratio (--anchor-ratio) must lie in [0, 1), got {ratio}")
-    _need(_num(cfg, "round-timeout", 3600) > 0, "round-timeout (--round-timeout) must be > 0 "
+    _need(_num(cfg, "round-timeout", 600) > 0, "round-timeout (--round-timeout) must be > 0 "
           "seconds")
     _need(_num(cfg, "node-timeout", 0) >= 0, "node-timeout (--node-timeout) must be >= 0 seconds")
     mode = str(cfg.get("task.client-data", "partition"))
