@@ -254,10 +254,15 @@ def test_lost_supernode_and_killed_server_resume_on_the_deployment_engine(tmp_pa
         _kill_tree(link)  # the server machine goes down (SuperLink and ServerApp)
         assert not out.exists()
         before = _history(ck / "history.json")  # the last checkpoint written
+
+        def reconnects():
+            return [(tmp_path / f"supernode{i}.log").read_text().count("Connection successful")
+                    for i in (0, 1)]
+
+        was = reconnects()
         link = start_link("-restarted")
-        _wait_for(lambda: (tmp_path / "superlink-restarted.log").read_text().count(
-            'pull-messages HTTP/1.1" 200') >= 4, deadline, [link, *nodes[:2]],
-            "the two SuperNodes to reconnect")
+        _wait_for(lambda: all(n > w for n, w in zip(reconnects(), was)), deadline,
+                  [link, *nodes[:2]], "the two SuperNodes to reconnect")
         flwr_run("--run-config", "resume=true")
         _wait_for(out.exists, deadline, [link], "the resumed run's result")
         hist = json.loads(out.read_text())

@@ -167,9 +167,12 @@ def test_client_that_never_returns_does_not_stall_the_run(monkeypatch):
     spy = _Spy(block=lambda ctx, rnd: ctx.node_config["partition-id"] == 2 and rnd == 2)
     monkeypatch.setattr(client, "make_client_app", lambda: spy)
     try:
-        h = run_federated(TASK, "fedavg", rounds=2, round_timeout=2.0)
+        h = run_federated(TASK, "fedavg", rounds=2, round_timeout=10.0)
     finally:
         spy.release.set()
+        for t in threading.enumerate():  # let the abandoned client finish before we exit
+            if t.name.startswith("neuralign-client-"):
+                t.join(30)
     assert h["finished"] and h["participants"] == {"1": 3, "2": 2}
     assert any("no reply" in n for n in h["failures"]["2"])
     assert h["accuracy"][2] > 0.5
@@ -288,6 +291,8 @@ def test_crash_then_resume_loses_nothing(tmp_path):
     assert more["round"] == [0, 1, 2, 3, 4] and more["accuracy"][:4] == full["accuracy"]
     with pytest.raises(NeuralignError, match="another run"):
         run_federated(TASK, "fedavg", rounds=5, checkpoint_dir=str(ck), resume=True)
+    with pytest.raises(NeuralignError, match="already holds a checkpoint"):  # not resumed
+        run_federated(TASK, "fedpfn", rounds=3, checkpoint_dir=str(ck))
 
 
 @pytest.mark.timeout(120)

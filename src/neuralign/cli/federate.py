@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
             "data": data, "subset": subset, "test_subset": test_subset, "data_root": data_root,
             "model": model, "model_kwargs": model_kwargs, "local_epochs": local_epochs,
             "lr": lr, "batch_size": batch_size, "seed": seed, "data_seed": data_seed,
-            "client_data": client_data}
+            "client_data": client_data, "force": force}
         options = {"fraction": fraction, "min_clients": min_clients or None,
                    "min_replies": min_replies, "round_timeout": round_timeout,
                    "node_timeout": node_timeout, "proximal_mu": proximal_mu,
@@ -143,6 +143,7 @@ def register(app: typer.Typer) -> None:
 def _run(rep, settings, options, engine, out, save_model, write_app, write_node_data,
          verbose) -> None:
     import sys
+    from pathlib import Path
 
     from neuralign.federated import FedTask, server
     from neuralign.federated.rounds import client_failures
@@ -184,6 +185,12 @@ def _run(rep, settings, options, engine, out, save_model, write_app, write_node_
             text = f"matched layer {metrics.get('layer')} (width {metrics.get('width')})"
         print(f"round {r}/{rounds}: {text}", file=sys.stderr, flush=True)
 
+    ck = options.get("checkpoint_dir")
+    if ck and st["force"] and not options.get("resume"):  # --force: a new run replaces it
+        from neuralign.federated.checkpoint import CHECKPOINT, HISTORY
+
+        for name in (CHECKPOINT, HISTORY):
+            (Path(ck) / name).unlink(missing_ok=True)
     server.ROUND_HOOKS.append(show)
     try:
         hist = run_federated(task, strategy, rounds, engine=engine, verbose=verbose,

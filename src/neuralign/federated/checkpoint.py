@@ -79,6 +79,14 @@ def read_checkpoint(directory, run_config: dict) -> tuple[dict, dict] | None:
     return load_state_dict(p), hist
 
 
+def check_fresh(directory) -> None:
+    """A new (not resumed) run must not overwrite another run's checkpoint."""
+    p = Path(directory) / CHECKPOINT
+    if p.is_file():
+        raise NeuralignError(f"{directory} already holds a checkpoint ({p.name}); continue that "
+                             "run with resume (--resume), or use another --checkpoint-dir")
+
+
 def load_init(path, model) -> dict:
     """The state dict at ``path`` if it fits ``model`` exactly (names and shapes), else a
     one-line error naming the first mismatch."""

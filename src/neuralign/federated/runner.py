@@ -34,6 +34,10 @@ def check_before_start(task: FedTask, cfg: dict) -> None:
     check_run_config(cfg)
     if task.client_data == "partition":
         check_partitions(task)
+    if cfg.get("checkpoint-dir") and not cfg.get("resume"):
+        from neuralign.federated.checkpoint import check_fresh
+
+        check_fresh(cfg["checkpoint-dir"])
     if cfg.get("init"):
         from neuralign.federated.checkpoint import load_init
 

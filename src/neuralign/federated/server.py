@@ -90,6 +90,10 @@ def run_server(grid, run_config: dict) -> dict:
     min_replies = int(run_config.get("min-replies", 1))
     fraction = float(run_config.get("fraction", 1.0))
     ckpt_dir = str(run_config.get("checkpoint-dir", ""))
+    if ckpt_dir and not _flag(run_config, "resume"):
+        from neuralign.federated.checkpoint import check_fresh
+
+        check_fresh(ckpt_dir)
     model = prepare_model(task, run_config)
     t0 = time.time()
     strategy = make_strategy(
