@@ -166,7 +166,7 @@ def _run(rep, settings, options, engine, out, save_model, write_app, write_node_
         paths = write_nodes(task, write_node_data)
         rep.note(f"wrote {len(paths)} node data files into {write_node_data} (node-0.npz ... "
                  f"node-{len(paths) - 1}.npz); start SuperNode i with --node-config "
-                 "'data-path=.../node-i.npz'")
+                 "'data-path=\".../node-i.npz\"'")
         rep.data.update(wrote_node_data=[str(p) for p in paths])
     if write_app:
         from neuralign.federated.deploy import write_flower_app

@@ -92,7 +92,7 @@ def _partition_id(context) -> int:
     if "partition-id" not in cfg:
         raise NeuralignError("the SuperNode has no 'partition-id' in its node config; start it "
                              "with --node-config 'partition-id=0 num-partitions=N' (or, with "
-                             "task.client-data=\"node\", 'data-path=/path/to/node.npz')")
+                             "task.client-data=\"node\", 'data-path=\"/path/to/node.npz\"')")
     return int(cfg["partition-id"])
 
 
@@ -104,7 +104,7 @@ def _client_loader(task: FedTask, context, server_round: int = 0):
         if "data-path" not in cfg:
             raise NeuralignError("the run reads node-local data (task.client-data = \"node\") "
                                  "but this SuperNode has no 'data-path' in its node config; "
-                                 "start it with --node-config 'data-path=/path/to/node.npz'")
+                                 "start it with --node-config 'data-path=\"/path/to/node.npz\"'")
         return task.node_loader(str(cfg["data-path"]), server_round,
                                 node_seed=int(cfg.get("partition-id", 0)))
     return task.client_loader(_partition_id(context), server_round)

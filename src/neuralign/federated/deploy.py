@@ -4,7 +4,7 @@ The app's components are the module-level apps of :mod:`neuralign.federated.app`
 config holds the strategy and the :class:`FedTask` settings. Submit it to a running SuperLink
 with ``flwr run <dir> <connection>`` (see docs/federated.md). Every SuperNode needs neuralign
 installed and its own node config: ``'partition-id=I num-partitions=N'`` (a partition of the
-built-in data set) or, with ``task.client-data = "node"``, ``'data-path=/path/to/own.npz'``.
+built-in data set) or, with ``task.client-data = "node"``, ``'data-path="/path/to/own.npz"'``.
 
 Every key the ServerApp reads is written (with its default when not given), because ``flwr run
 ... --run-config 'k=v'`` can only override keys the app declares: e.g. restart a killed server

@@ -92,7 +92,9 @@ def run_on_simulation_engine(cfg: dict, num_supernodes: int, *, timeout: float =
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
             "insecure = true\n")
+        bindir = str(Path(_bin("flower-superlink")).parent)  # it starts flower-superexec
         env = dict(os.environ, FLWR_HOME=str(home),
+                   PATH=os.pathsep.join([bindir, os.environ.get("PATH", "")]),
                    PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         log = open(tmp / "superlink.log", "w")  # noqa: SIM115 - closed below
         link = subprocess.Popen(

@@ -6,7 +6,7 @@ A node's data is one NumPy ``.npz`` file (or a directory holding ``train.npz``) 
   preprocessed exactly as the server's test set (neuralign's loaders scale pixels to [0, 1]);
 * ``y``: integer class labels, ``(N,)``, in ``[0, num_classes)``.
 
-The SuperNode is started with ``--node-config 'data-path=/data/node0.npz'`` and the app's run
+The SuperNode is started with ``--node-config 'data-path="/data/node0.npz"'`` and the app's run
 config says ``task.client-data = "node"``. :func:`write_node_data` (``neuralign federate
 --write-node-data DIR``) writes the Dirichlet partitions of a built-in data set in this format,
 one file per node, to try a deployment with real per-node files.
