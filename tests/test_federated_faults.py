@@ -400,3 +400,20 @@ def test_federated_docs_command_lines_use_existing_options():
     for flag in ("--round-timeout", "--node-timeout", "--checkpoint-dir", "--resume", "--init",
                  "--client-data", "--write-node-data"):
         assert flag in text and flag in opts
+
+
+def test_cli_flags_reach_the_generated_app(tmp_path):
+    import tomllib
+
+    d = tmp_path / "app"
+    r = runner.invoke(app, ["federate", "--data", "digits", "--clients", "3", "--rounds", "2",
+                            "--model", "mlp", "-m", "width=8", "--round-timeout", "30",
+                            "--node-timeout", "5", "--min-replies", "2", "--client-data",
+                            "node", "--checkpoint-dir", str(tmp_path / "ck"), "--write-app",
+                            str(d)])
+    assert r.exit_code == 0, r.output
+    cfg = tomllib.loads((d / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert cfg["round-timeout"] == 30.0 and cfg["node-timeout"] == 5.0
+    assert cfg["min-replies"] == 2 and cfg["resume"] is False and cfg["init"] == ""
+    assert cfg["task.client-data"] == "node" and cfg["task.input-shape"] == "1,8,8"
+    assert cfg["task.num-classes"] == 10 and cfg["checkpoint-dir"] == str(tmp_path / "ck")

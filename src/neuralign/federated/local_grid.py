@@ -43,7 +43,10 @@ class _NoRun:
 
 
 def _set_task_identity(run_id: int) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
+    try:
+        from flwr.supercore.task_identity import TaskIdentity
+    except ImportError:  # older Flower builds messages without a task identity
+        return
 
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
