@@ -202,6 +202,8 @@ def _run(rep, settings, options, engine, out, save_model, write_app, write_node_
               ["round", "test accuracy", "test loss"], rows)
     rep.note(f"final accuracy {hist['final_accuracy']:.4f}, best "
              f"{hist['best_accuracy']:.4f} ({hist['seconds']:.1f} s)")
+    for k in hist.get("resumed_at", []):
+        rep.note(f"resumed from the checkpoint of round {k}")
     for r, notes in hist["failures"].items():
         n = client_failures(notes)
         other = [x for x in notes if not x.startswith("node ")]
