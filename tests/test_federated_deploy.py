@@ -1,6 +1,7 @@
-"""End-to-end test of Flower's deployment engine: a SuperLink and two SuperNodes as separate
-processes on 127.0.0.1, two rounds of FedPFN submitted with ``flwr run``; every process (and
-the SuperExec / ServerApp / ClientApp processes they spawn) is torn down afterwards."""
+"""End-to-end tests of Flower's engines: a SuperLink and two SuperNodes as separate processes on
+127.0.0.1, two rounds of FedPFN submitted with ``flwr run``; a fault run (three SuperNodes with
+their own data, one killed, the server killed and the run resumed); the simulation engine. Every
+process (and the SuperExec / ServerApp / ClientApp processes they spawn) is torn down."""
 
 from __future__ import annotations
 
@@ -184,6 +185,9 @@ def _wait_for(cond, deadline, procs_alive=(), what=""):
 @pytest.mark.slow
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists() or not (BIN / "flwr").exists(),
                     reason="Flower's flower-superlink / flwr executables are not installed")
+@pytest.mark.skipif(os.environ.get("NEURALIGN_DEPLOY_FAULT_TESTS") != "1",
+                    reason="3-6 minutes on 2 cores (its fast in-process twins are in "
+                    "test_federated_faults.py); set NEURALIGN_DEPLOY_FAULT_TESTS=1")
 def test_lost_supernode_and_killed_server_resume_on_the_deployment_engine(tmp_path):
     """SuperLink + 3 SuperNodes on loopback, each node reading its own data file. SuperNode 2
     is killed after round 1: the run goes on with the other two and reports the loss. The
