@@ -117,6 +117,8 @@ def run_rounds(strategy, grid, arrays, hist: dict, *, first_round: int, num_roun
         agg = None
         if ok >= min_replies:
             agg, _ = strategy.aggregate_train(r, replies)
+            good = {f"node {node_of(m)}" for m in replies if not m.has_error()}
+            ok, notes = _strategy_report(strategy, r, ok, notes, good)
         if agg is None:
             notes.append(f"round skipped: {ok} result(s) < min-replies={min_replies}; the "
                          "global model is unchanged" if ok < min_replies else
@@ -135,6 +137,21 @@ def run_rounds(strategy, grid, arrays, hist: dict, *, first_round: int, num_roun
         if on_round is not None:
             on_round(r, arrays, hist)
     return arrays
+
+
+def _strategy_report(strategy, r: int, ok: int, notes: list[str],
+                     good: set[str]) -> tuple[int, list[str]]:
+    """Add what the strategy itself reports for round ``r`` (neuralign's strategies keep
+    ``participants`` / ``failures``): replies it discarded although they were no errors (e.g.
+    an anchor mask that does not match) lower the count and get their line. Only notes on the
+    nodes in ``good`` (``"node <id>"`` of the error-free replies) are taken: errors and missing
+    replies are already noted here, each under its own node."""
+    extra = [n for n in getattr(strategy, "failures", {}).get(r, [])
+             if n.split(":", 1)[0] in good]
+    reported = getattr(strategy, "participants", {}).get(r)
+    if reported is not None:
+        ok = min(ok, int(reported))
+    return ok, notes + extra
 
 
 def new_history(acc0: float, loss0: float) -> dict:
