@@ -20,7 +20,8 @@ def build_run_config(task: FedTask, strategy: str, rounds: int, **options) -> di
     class count, so nodes with their own data need no data set), ``strategy``, ``num-rounds``
     and every option not None (``min_clients`` -> ``min-clients``)."""
     cfg = dict(task.with_data_shape().to_run_config())
-    cfg.update({"strategy": strategy, "num-rounds": int(rounds)})
+    cfg.update({"task.client-data": task.client_data, "strategy": strategy,
+                "num-rounds": int(rounds)})
     for k, v in options.items():
         if v is not None:
             cfg[k.replace("_", "-")] = v

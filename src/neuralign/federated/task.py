@@ -56,7 +56,10 @@ class FedTask:
 
     # -- run config round trip ---------------------------------------------------------------
     def to_run_config(self) -> dict:
-        return {f"task.{k.replace('_', '-')}": v for k, v in dataclasses.asdict(self).items()}
+        """``task.*`` keys; the fields added for node-local data are left out at their
+        defaults, so run configs (and caches keyed by them) of earlier runs stay the same."""
+        return {f"task.{k.replace('_', '-')}": v for k, v in dataclasses.asdict(self).items()
+                if not (k in _OPTIONAL and v == _OPTIONAL[k])}
 
     @classmethod
     def from_run_config(cls, cfg) -> FedTask:
@@ -127,6 +130,9 @@ class FedTask:
             return LeNet(in_channels=c, num_classes=num_classes, image_size=size, **kwargs)
         return get_model(self.model, num_classes=num_classes, in_channels=c,
                          image_size=size, **kwargs)
+
+
+_OPTIONAL = {"client_data": "partition", "input_shape": "", "num_classes": 0}
 
 
 @functools.lru_cache(maxsize=4)
