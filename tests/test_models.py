@@ -43,7 +43,8 @@ def test_resnet20_width_multiplier():
 def test_model_config_records_how_to_rebuild():
     m = get_model("resnet20", width=2, norm="ln", num_classes=7)
     assert model_config(m) == {"name": "resnet20",
-                               "kwargs": {"width": 2, "norm": "ln", "num_classes": 7}}
+                               "kwargs": {"width": 2, "norm": "ln", "num_classes": 7},
+                               "version": 2}
 
 
 def test_unknown_model_and_bad_arguments():
