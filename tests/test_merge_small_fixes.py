@@ -77,7 +77,7 @@ def test_ln_reference_models_normalise_over_channels_only(name):
     norms = [(n, mod) for n, mod in m.named_modules() if "norm" in type(mod).__name__.lower()
              or isinstance(mod, (nn.GroupNorm, nn.LayerNorm))]
     assert norms
-    n, ln = norms[0]
+    _, ln = norms[0]
     with torch.no_grad():
         ln.weight.uniform_(0.5, 2)
         ln.bias.normal_()
