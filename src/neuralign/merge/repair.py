@@ -127,7 +127,8 @@ def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: f
                 (1 - t) * sa[n][1].double() + t * sb[n][1].double()) for n in names}
     for n in blocks:  # identity affines first: their hooks run before the correcting ones
         attach_output_affine(mods[n], int(goal[n][0].shape[0]))
-    seen, n_batches = _correction_pass(c, mods, names, goal, loader, max_batches, eps)
+    seen, n_batches = _correction_pass(c, mods, names, goal, loader, max_batches, eps,
+                                       set(blocks))
     if not n_batches:
         raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
     for n in names:
@@ -137,7 +138,8 @@ def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: f
     return c.eval()
 
 
-def _correction_pass(c, mods, names, goal, loader, max_batches, eps) -> dict:
+def _correction_pass(c, mods, names, goal, loader, max_batches, eps, blocks=frozenset()
+                     ) -> tuple[dict, int]:
     """One pass over ``loader`` through ``c`` (eval mode, batch norms resetting in train
     mode): each named output is corrected in place with its batch's statistics, and the exact
     moments of the uncorrected outputs are accumulated for the fold."""
@@ -149,6 +151,10 @@ def _correction_pass(c, mods, names, goal, loader, max_batches, eps) -> dict:
         gm, gs = goal[name]
 
         def f(mod, inp, out):
+            if name in blocks and out.dim() not in (2, 4, 5):
+                raise NeuralignError(f"block {name!r} outputs shape {list(out.shape)}; REPAIR "
+                                     "wraps blocks with (N, C), (N, C, H, W) or (N, C, D, H, W) "
+                                     "outputs only: leave it out of blocks=")
             mu, var = batch_moments(out, dim, scratch)
             acc = seen.setdefault(name, ChannelMoments())
             acc.merge(mu, var, out.numel() // out.shape[dim])
