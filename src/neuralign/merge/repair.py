@@ -108,7 +108,7 @@ def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: f
         x0 = next(batches(loader, 1), None)
         if x0 is None:
             raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
-        x0 = x0.to(device_of(c))
+        x0 = x0[:2].to(device_of(c))  # finding the places needs shapes, not statistics
         if targets is None:
             targets = default_targets(c, x0)
         if blocks is None:
