@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from neuralign.errors import NeuralignError
-from neuralign.models import (block_names, get_head_name, get_model, model_config,
-                              replace_head)
+from neuralign.models import block_names, get_head_name, get_model, model_config, replace_head
 from neuralign.train import evaluate, train
 
 REFERENCE = [

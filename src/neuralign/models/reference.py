@@ -109,7 +109,7 @@ class VGG(nn.Module):
                     layers.append(nn.MaxPool2d(2))
                     size //= 2
                 continue
-            out = max(1, int(round(v * width)))
+            out = max(1, round(v * width))
             layers.append(nn.Sequential(nn.Conv2d(c, out, 3, padding=1), _norm2d(norm, out),
                                         nn.ReLU()))
             c = out
