@@ -198,7 +198,9 @@ def test_peak_memory_is_a_few_tensors(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     streamed, loaded = map(int, r.stdout.strip().splitlines()[-1].split())
     assert loaded > 3 * model_bytes, f"the control grew only {loaded / 2**20:.1f} MB"
-    assert streamed < 0.25 * model_bytes, f"peak RSS grew by {streamed / 2**20:.1f} MB"
+    # a few 1 MB tensors plus allocator noise (4-12 MB measured on a loaded 2-core machine);
+    # holding even one whole model would add 48 MB
+    assert streamed < 0.5 * model_bytes, f"peak RSS grew by {streamed / 2**20:.1f} MB"
 
 
 def test_streaming_weight_matching_equals_in_memory(tmp_path):
