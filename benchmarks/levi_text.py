@@ -37,7 +37,7 @@ from protocol import cache_root, config_key
 ROOT = Path(__file__).resolve().parents[1]
 ALL_TAPS = ("embeddings", *(f"encoder.layer.{i}" for i in range(6)))
 CFG = {
-    "n_train": 512, "n_val": 256, "n_test": 384, "n_ood": 384, "max_length": 32, "batch": 32,
+    "n_train": 384, "n_val": 192, "n_test": 256, "n_ood": 256, "max_length": 24, "batch": 32,
     "epochs_ft": 2, "head_batch": 64, "epochs_head": 20, "hidden": 256, "new_mult": 10,
     "lr_grid": (3e-5, 1e-4, 3e-4), "seeds": (0, 1, 2), "alphas": (0.25, 0.5, 0.75),
     "lora_r": 8, "lora_targets": ["query", "key", "value", "attention.output.dense"],

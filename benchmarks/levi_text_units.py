@@ -78,14 +78,27 @@ def small_model(kind: str, cfg: dict, seed: int) -> tuple[nn.Module, int]:
         return Remap(m, cfg["vocab_table"]), cfg["small_hidden"][-1]
 
 
-def _loop(groups, step, n: int, epochs: int, batch: int, seed: int):
+def _batches(n: int, batch: int, g: torch.Generator, lengths=None) -> list[torch.Tensor]:
+    """Shuffled minibatches of ``range(n)``; with ``lengths``, each run of 8 batches is sorted
+    by length before it is cut (less padding) and the batches are then shuffled."""
+    perm = torch.randperm(n, generator=g)
+    if lengths is None:
+        return [perm[i:i + batch] for i in range(0, n, batch)]
+    out = []
+    for i in range(0, n, 8 * batch):
+        chunk = perm[i:i + 8 * batch]
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        out += [chunk[j:j + batch] for j in range(0, len(chunk), batch)]
+    return [out[k] for k in torch.randperm(len(out), generator=g).tolist()]
+
+
+def _loop(groups, step, n: int, epochs: int, batch: int, seed: int, lengths=None):
     """AdamW over ``epochs`` passes of shuffled minibatches of ``range(n)``."""
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch):
-            loss = step(perm[i:i + batch])
+        for idx in _batches(n, batch, g, lengths):
+            loss = step(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -107,11 +120,21 @@ def _new(params, lr, cfg):
 
 
 # ------------------------------------------------------------------------ cheap (cached states)
-def _batch(data: dict, split: str, idx, taps):
+def _batch(data: dict, split: str, idx, taps, pooled=None):
+    """Tap inputs (token states, or pre-pooled vectors), ids and mask of examples ``idx``."""
     d = data[split]
     t = int(d["mask"][idx].sum(1).max())
-    states = [d["states"][k][idx, :t] for k in taps]
+    states = ([pooled[split][k][idx] for k in taps] if pooled is not None
+              else [d["states"][k][idx, :t] for k in taps])
     return states, d["ids"][idx, :t], d["mask"][idx, :t]
+
+
+def prepool(data: dict, taps, pool: str) -> dict | None:
+    """Mean/CLS pooling of every tap computed once per split (attention pooling: None)."""
+    if pool == "attention" or not taps:
+        return None
+    return {sp: {k: pool_tokens(data[sp]["states"][k], data[sp]["mask"], pool) for k in taps}
+            for sp in ("train", *SPLITS)}
 
 
 def feature_model(kind: str, cfg: dict, dims: dict, seed: int, *, taps=None, pool="mean",
@@ -137,10 +160,14 @@ def run_feature(lr: float, seed: int, data: dict, cfg: dict, kind: str, taps=(),
     model = feature_model(kind, cfg, data["dims"], seed, taps=list(taps), pool=pool,
                           num_heads=num_heads)
     tr = data["train"]
+    pre = prepool(data, taps, pool)
+
+    def fwd(split, idx):
+        st, ids, m = _batch(data, split, idx, taps, pre)
+        return model(st if taps else None, ids, m, pooled=pre is not None)
 
     def step(idx):
-        s, ids, m = _batch(data, "train", idx, taps)
-        model(s if taps else None, ids, m)
+        fwd("train", idx)
         return model.loss(tr["y"][idx])
 
     with PeakRSS() as mem:
@@ -150,15 +177,9 @@ def run_feature(lr: float, seed: int, data: dict, cfg: dict, kind: str, taps=(),
               cfg["head_batch"], seed)
         seconds = time.perf_counter() - t0
     model.eval()
-    logits = {}
     with torch.no_grad():
-        for sp in SPLITS:
-            n = len(data[sp]["y"])
-            outs = []
-            for i in range(0, n, 256):
-                st, ids, m = _batch(data, sp, torch.arange(i, min(i + 256, n)), taps)
-                outs.append(model(st if taps else None, ids, m))
-            logits[sp] = torch.cat(outs)
+        logits = {sp: torch.cat([fwd(sp, torch.arange(i, min(i + 256, len(data[sp]["y"]))))
+                                 for i in range(0, len(data[sp]["y"]), 256)]) for sp in SPLITS}
     return _record(count_trainable(model), logits, data, seconds, mem)
 
 
@@ -233,7 +254,8 @@ def _train_large(model: nn.Module, groups, data, cfg, seed, loss_fn):
         return loss_fn(model(_ids(data, "train", idx)), y[idx])
 
     model.train()
-    _loop(groups, step, len(y), cfg["epochs_ft"], cfg["batch"], seed)
+    _loop(groups, step, len(y), cfg["epochs_ft"], cfg["batch"], seed,
+          lengths=data["train"]["mask"].sum(1))
 
 
 def run_ft(lr: float, seed: int, data: dict, cfg: dict, encoder: nn.Module,

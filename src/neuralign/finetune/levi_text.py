@@ -19,7 +19,6 @@ live model; this module adds what makes a frozen large model cheap to study:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -225,12 +224,19 @@ class FeatureLEVI(nn.Module):
             self.heads = nn.ModuleList(_mlp(d, hidden, num_outputs) for d in dims)
         self.head_outputs = None
 
-    def forward(self, states: Sequence[torch.Tensor] | None, input_ids, mask):
+    def forward(self, states: Sequence[torch.Tensor] | None, input_ids, mask,
+                pooled: bool = False):
+        """``states``: one ``(N, L, D)`` tensor per tap, or with ``pooled=True`` the already
+        pooled ``(N, D)`` vectors (mean or CLS pooling computed once for a whole data set)."""
         feats = []
         if self.tap_dims:
             if states is None or len(states) != len(self.tap_dims):
                 raise NeuralignError(f"FeatureLEVI expects {len(self.tap_dims)} tap states")
-            feats = [pool_tokens(s, mask, self.pool, self.attn[i] if self.attn else None)
+            if pooled and self.pool == "attention":
+                raise NeuralignError("attention pooling is learned: pass token states, not "
+                                     "pooled vectors")
+            feats = [s.float() if pooled else
+                     pool_tokens(s, mask, self.pool, self.attn[i] if self.attn else None)
                      for i, s in enumerate(states)]
         if self.small is not None:
             s = self.small(input_ids=input_ids, attention_mask=mask.long())
@@ -245,7 +251,3 @@ class FeatureLEVI(nn.Module):
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def mean_nll(logp: torch.Tensor, y: torch.Tensor) -> float:
-    return float(-logp.gather(1, y.view(-1, 1)).mean()) if len(y) else math.nan
