@@ -194,6 +194,16 @@ def verdicts(rows: dict) -> list[str]:
     return out
 
 
+def tap_table(rows: dict) -> list[str]:
+    """The tap study: an MLP probe on one tap's mean-pooled states (frozen MiniLM)."""
+    taps = [lb for lb in next(iter(rows.values()), {}) if lb.startswith("tap:")]
+    out = ["| tap | ID acc | OOD acc | OOD − ID |", "|---|---|---|---|"]
+    for t in taps:
+        i, o = (_mean(per_seed(rows, t, k).values()) for k in ("id", "ood"))
+        out.append(f"| {t[4:]} | {_pp(i)} | {_pp(o)} | {_pp(o - i, True)} |")
+    return out
+
+
 # ------------------------------------------------------------------------------ figures
 def figures(all_rows: dict, results: dict, cfg: dict, out_dir: Path, prefix: str) -> list[str]:
     import matplotlib
@@ -243,7 +253,8 @@ def figures(all_rows: dict, results: dict, cfg: dict, out_dir: Path, prefix: str
                     ax.annotate(f"{a:g}", (x, y), fontsize=6)
         ax.set(xlabel="ID test accuracy (%)", ylabel="OOD accuracy (%)",
                title=f"{ds}: WiSE-FT, α from LP (0) to LP-FT (1)")
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     names.append(f"{prefix}_wise_alpha.png")
     _save(fig, out_dir / names[-1])
@@ -290,7 +301,9 @@ def render(results: dict, cfg: dict, datas: dict, out_dir: Path, minutes: float,
     for ds, rows in all_rows.items():
         lines += ["", f"## {DS_TITLE.get(ds, ds)}", "",
                   f"Seeds with rows: {', '.join(map(str, sorted(rows)))}.", "", *table(rows), "",
-                  "### Verdicts for the paper's claims", "", *verdicts(rows)]
+                  "### Verdicts for the paper's claims", "", *verdicts(rows), "",
+                  "### Tap study (MLP probe on one frozen tap, mean pooling; same grid)", "",
+                  *tap_table(rows)]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figs]
     _write(out_dir / f"{prefix}.md", "\n".join(lines) + "\n")
     js = {ds: {str(s): r for s, r in rows.items()} for ds, rows in all_rows.items()}
