@@ -194,6 +194,13 @@ def verdicts(rows: dict) -> list[str]:
     return out
 
 
+def _majority(data: dict) -> str:
+    c = int(torch.bincount(data["train"]["y"]).argmax())
+    acc = {s: float((data[s]["y"] == c).float().mean()) for s in ("test", "ood")}
+    return (f"Always predicting the training set's most frequent class scores {_pp(acc['test'])} "
+            f"ID / {_pp(acc['ood'])} OOD.")
+
+
 def tap_table(rows: dict) -> list[str]:
     """The tap study: an MLP probe on one tap's mean-pooled states (frozen MiniLM)."""
     taps = [lb for lb in next(iter(rows.values()), {}) if lb.startswith("tap:")]
@@ -298,9 +305,16 @@ def render(results: dict, cfg: dict, datas: dict, out_dir: Path, minutes: float,
     prefix = "levi_text"
     figs = figures(all_rows, results, cfg, out_dir, prefix)
     lines = header(cfg, datas, minutes, smoke)
+    total = sum(r["seconds"] for res in results.values() for seed in res.values()
+                for recs in seed.values() for r in recs.values())
+    n_runs = sum(len(recs) for res in results.values() for seed in res.values()
+                 for recs in seed.values())
+    lines += ["", f"Compute: {n_runs} training runs, {total / 60:.1f} min of training in all "
+              "(one thread; evaluation and the one-off MiniLM pass over the texts not counted)."]
     for ds, rows in all_rows.items():
         lines += ["", f"## {DS_TITLE.get(ds, ds)}", "",
-                  f"Seeds with rows: {', '.join(map(str, sorted(rows)))}.", "", *table(rows), "",
+                  f"Seeds with rows: {', '.join(map(str, sorted(rows)))}. {_majority(datas[ds])}",
+                  "", *table(rows), "",
                   "### Verdicts for the paper's claims", "", *verdicts(rows), "",
                   "### Tap study (MLP probe on one frozen tap, mean pooling; same grid)", "",
                   *tap_table(rows)]
