@@ -309,8 +309,8 @@ def render(results: dict, cfg: dict, datas: dict, out_dir: Path, minutes: float,
                 for recs in seed.values() for r in recs.values())
     n_runs = sum(len(recs) for res in results.values() for seed in res.values()
                  for recs in seed.values())
-    lines += ["", f"Compute: {n_runs} training runs, {total / 60:.1f} min of training in all "
-              "(one thread; evaluation and the one-off MiniLM pass over the texts not counted)."]
+    lines += ["", (f"Compute: {n_runs} training runs, {total / 60:.1f} min of training in all "
+              "(one thread; evaluation and the one-off MiniLM pass over the texts not counted).")]
     for ds, rows in all_rows.items():
         lines += ["", f"## {DS_TITLE.get(ds, ds)}", "",
                   f"Seeds with rows: {', '.join(map(str, sorted(rows)))}. {_majority(datas[ds])}",
