@@ -65,7 +65,10 @@ def header(cfg: dict, datas: dict, minutes: float, smoke: bool) -> list[str]:
         ("- Cost columns: parameters trained; training seconds of the selected run and of all "
          "grid runs (one CPU thread, a machine shared with other jobs, so times are rough); peak "
          "resident memory above the level at the run's start (sampled every 10 ms; ensembles: "
-         "the larger member). Ensemble rows add their members' parameters and seconds."),
+         "the larger member). All runs share one process, so a run that reuses memory an "
+         "earlier run freed shows less (LoRA rows show 0): read peak MB as a rough lower bound. "
+         "Ensemble rows add their members' parameters and seconds. Cheap rows' seconds exclude "
+         "the one-off MiniLM pass that cached the token states."),
         "",
         "## Deviations from the paper (named)",
         "",

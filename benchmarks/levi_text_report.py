@@ -161,7 +161,7 @@ def verdicts(rows: dict) -> list[str]:
             return "no data"
         vi, vo = _v(di), _v(do)
         if vo == "appears" and vi != "reversed":
-            return "supported (OOD above FT, ID not below)"
+            return f"supported (OOD above FT beyond 2 SE; ID {vi})"
         if vo == "reversed" or vi == "reversed":
             return f"contradicted (OOD {vo}, ID {vi})"
         return f"not resolved (OOD {vo}, ID {vi})"
