@@ -162,3 +162,18 @@ def test_text_transformer_refuses_too_long_inputs():
     m = TextTransformer(20, dim=8, heads=2, max_length=4)
     with pytest.raises(NeuralignError, match="max_length"):
         m(torch.ones(2, 5, dtype=torch.long))
+
+
+def test_attention_pooled_text_levi_round_trips_through_a_checkpoint(minilm, tmp_path):
+    from neuralign.finetune.levi_io import load_levi, save_levi
+
+    enc, tok = minilm
+    x = tokenize(tok, TEXTS, 16)
+    small = TextTransformer(tok.vocab_size, dim=16, heads=2, max_length=16,
+                            pad_token_id=tok.pad_token_id)
+    levi = LEVI(enc, small, num_outputs=3, example_input=x, taps=TAPS[:2], hidden=8,
+                pool="attention", seed=0).eval()
+    path = save_levi(levi, tmp_path / "levi.safetensors", large_ref={"path": "unused"})
+    again = load_levi(path, large=enc)  # the small model is rebuilt from its recorded spec
+    with torch.no_grad():
+        assert torch.allclose(levi(x), again(x), atol=1e-6)

@@ -196,7 +196,9 @@ class LEVI(nn.Module):
         task: ``classification`` (cross-entropy per head) or ``regression`` (MSE per head).
         loss_weights: per-head loss weights (Appendix C), normalised to sum to 1; default equal.
         num_heads: number of heads when ``large`` is None (A4: 1, A5: more).
-        pool: how tapped outputs become vectors (``pool_features``), one name or one per tap.
+        pool: how tapped outputs become vectors (``pool_features``), one name or one per tap;
+            ``attention`` is learned (``levi_text.AttentionPool``), sized from ``example_input``
+            or ``tap_dims`` (the pooled width of each tap, recorded in checkpoints).
     """
 
     def __init__(self, large: nn.Module | None, small: nn.Module | None, *, num_outputs: int,
@@ -206,7 +208,7 @@ class LEVI(nn.Module):
                  large_mode: str = "frozen", lora_r: int = 8, lora_alpha: float | None = None,
                  lora_targets: Sequence[str] | None = None, early_exit: bool = True,
                  feature_dims: Sequence[int] | None = None, pad_token_id: int | None = None,
-                 seed: int = 0):
+                 tap_dims: Sequence[int] | None = None, seed: int = 0):
         super().__init__()
         if large is None and small is None:
             raise NeuralignError("LEVI needs a large model, a small model or both")
@@ -244,12 +246,13 @@ class LEVI(nn.Module):
         self.register_buffer("loss_weights", w / w.sum())
         self._captured: dict[str, torch.Tensor] = {}
         self._mask = None
-        self._tap_dims: list[int] = []
+        self._tap_dims: list[int] = [int(d) for d in tap_dims] if tap_dims else []
         if feature_dims is None:
             if example_input is None:
                 raise NeuralignError("LEVI needs example_input (one batch) or feature_dims")
             feature_dims = self._probe(example_input)
         self.config["feature_dims"] = [int(d) for d in feature_dims]
+        self.config["tap_dims"] = list(self._tap_dims) or None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if "attention" in pools:  # learned pooling of token states (neuralign.finetune.levi_text)
@@ -257,7 +260,7 @@ class LEVI(nn.Module):
 
                 if not self._tap_dims:
                     raise NeuralignError("pool='attention' sizes its scoring vectors from one "
-                                         "batch: pass example_input instead of feature_dims")
+                                         "batch: pass example_input (or tap_dims)")
                 small_d = self.config["feature_dims"][0] - self._tap_dims[0]
                 self.attn_pools = nn.ModuleDict({
                     str(i): AttentionPool(self.config["feature_dims"][i] - small_d)
