@@ -12,7 +12,7 @@ tuned, the ablations A1-A5, pooling variants and a tap study. Every method with 
 same grid; the grid point is selected per seed on ID validation (``benchmarks/protocol.py``).
 
     PYTHONPATH=src OMP_NUM_THREADS=1 nice python benchmarks/levi_text.py          # full run
-    PYTHONPATH=src python benchmarks/levi_text.py --smoke                          # seconds
+    PYTHONPATH=src python benchmarks/levi_text.py --smoke            # about a minute, to the cache
 
 Every finished run (method, seed, rate) is cached under ~/.cache/neuralign/levi_text/ (scores,
 logits, cost), the frozen MiniLM's token states once per data set; a rerun resumes.
