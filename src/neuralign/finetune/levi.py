@@ -26,7 +26,7 @@ from torch import nn
 from neuralign.errors import NeuralignError
 
 LARGE_MODES = ("frozen", "half", "lora", "full")
-POOLS = ("auto", "avg", "nhwc", "tokens", "cls", "channels", "flatten")
+POOLS = ("auto", "avg", "nhwc", "tokens", "mean", "cls", "attention", "channels", "flatten")
 
 
 class _AllTapsCaptured(Exception):
@@ -92,14 +92,19 @@ def _first_tensor(out) -> torch.Tensor:
 def pool_features(t: torch.Tensor, pool: str = "auto", mask: torch.Tensor | None = None):
     """Pool a module output to ``(N, D)``. ``auto``: 2-D as is, 4-D ``(N, C, H, W)`` averaged over
     space, 3-D ``(N, L, D)`` averaged over tokens (``mask`` excludes padding), 5-D+ averaged over
-    all trailing axes. ``nhwc``: 4-D channels-last; ``cls``: first token; ``channels``: 3-D
-    ``(N, C, L)`` averaged over ``L``; ``flatten``: flattened."""
+    all trailing axes. ``nhwc``: 4-D channels-last; ``tokens``/``mean``: 3-D token states averaged
+    over the unmasked tokens; ``cls``: first token; ``channels``: 3-D ``(N, C, L)`` averaged over
+    ``L``; ``flatten``: flattened. ``attention`` (learned) lives in :class:`LEVI`; here, before its
+    weights exist, it is the masked mean (same size)."""
     if pool not in POOLS:
         raise NeuralignError(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}")
     if pool == "flatten" or t.dim() == 2:
         return t.flatten(1)
     if pool == "nhwc":
         return t.flatten(1, -2).mean(1)
+    if pool in ("mean", "tokens", "attention") and t.dim() != 3:
+        raise NeuralignError(f"pool={pool!r} needs token states (N, L, D), got shape "
+                             f"{tuple(t.shape)}; use 'auto' or 'avg' for this tap")
     if pool == "cls":
         return t[:, 0]
     if pool == "channels" or (pool == "avg" and t.dim() >= 3) or t.dim() >= 4:
@@ -191,7 +196,9 @@ class LEVI(nn.Module):
         task: ``classification`` (cross-entropy per head) or ``regression`` (MSE per head).
         loss_weights: per-head loss weights (Appendix C), normalised to sum to 1; default equal.
         num_heads: number of heads when ``large`` is None (A4: 1, A5: more).
-        pool: how tapped outputs become vectors (``pool_features``), one name or one per tap.
+        pool: how tapped outputs become vectors (``pool_features``), one name or one per tap;
+            ``attention`` is learned (``levi_text.AttentionPool``), sized from ``example_input``
+            or ``tap_dims`` (the pooled width of each tap, recorded in checkpoints).
     """
 
     def __init__(self, large: nn.Module | None, small: nn.Module | None, *, num_outputs: int,
@@ -201,7 +208,7 @@ class LEVI(nn.Module):
                  large_mode: str = "frozen", lora_r: int = 8, lora_alpha: float | None = None,
                  lora_targets: Sequence[str] | None = None, early_exit: bool = True,
                  feature_dims: Sequence[int] | None = None, pad_token_id: int | None = None,
-                 seed: int = 0):
+                 tap_dims: Sequence[int] | None = None, seed: int = 0):
         super().__init__()
         if large is None and small is None:
             raise NeuralignError("LEVI needs a large model, a small model or both")
@@ -209,10 +216,10 @@ class LEVI(nn.Module):
             raise NeuralignError(f"unknown task {task!r}; use classification or regression")
         self.task, self.large_mode, self.early_exit = task, large_mode, early_exit
         self.pad_token_id = pad_token_id
-        self.config = dict(num_outputs=int(num_outputs), hidden=int(hidden), task=task,
-                           large_mode=large_mode, lora_r=lora_r, lora_alpha=lora_alpha,
-                           lora_targets=list(lora_targets) if lora_targets else None,
-                           early_exit=early_exit, pad_token_id=pad_token_id)
+        self.config = {"num_outputs": int(num_outputs), "hidden": int(hidden), "task": task,
+                       "large_mode": large_mode, "lora_r": lora_r, "lora_alpha": lora_alpha,
+                       "lora_targets": list(lora_targets) if lora_targets else None,
+                       "early_exit": early_exit, "pad_token_id": pad_token_id}
         self.large = None
         self.taps: list[str] = []
         if large is not None:
@@ -239,13 +246,25 @@ class LEVI(nn.Module):
         self.register_buffer("loss_weights", w / w.sum())
         self._captured: dict[str, torch.Tensor] = {}
         self._mask = None
+        self._tap_dims: list[int] = [int(d) for d in tap_dims] if tap_dims else []
         if feature_dims is None:
             if example_input is None:
                 raise NeuralignError("LEVI needs example_input (one batch) or feature_dims")
             feature_dims = self._probe(example_input)
         self.config["feature_dims"] = [int(d) for d in feature_dims]
+        self.config["tap_dims"] = list(self._tap_dims) or None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            if "attention" in pools:  # learned pooling of token states (neuralign.finetune.levi_text)
+                from neuralign.finetune.levi_text import AttentionPool
+
+                if not self._tap_dims:
+                    raise NeuralignError("pool='attention' sizes its scoring vectors from one "
+                                         "batch: pass example_input (or tap_dims)")
+                small_d = self.config["feature_dims"][0] - self._tap_dims[0]
+                self.attn_pools = nn.ModuleDict({
+                    str(i): AttentionPool(self.config["feature_dims"][i] - small_d)
+                    for i, p in enumerate(pools) if p == "attention"})
             self.heads = nn.ModuleList(_mlp(d, hidden, num_outputs) for d in self.config["feature_dims"])
         self.head_outputs: torch.Tensor | None = None
 
@@ -287,8 +306,12 @@ class LEVI(nn.Module):
             missing = [t for t in self.taps if t not in self._captured]
             if missing:
                 raise NeuralignError(f"taps {missing} never ran in the large model's forward")
-            feats = [pool_features(self._captured[t], p, self._mask)
-                     for t, p in zip(self.taps, self.pools)]
+            attn = getattr(self, "attn_pools", None)
+            feats = [attn[str(i)](self._captured[t], self._mask)
+                     if p == "attention" and attn is not None
+                     else pool_features(self._captured[t], p, self._mask)
+                     for i, (t, p) in enumerate(zip(self.taps, self.pools))]
+            self._tap_dims = [f.shape[1] for f in feats]
             self._captured = {}
         if self.small is not None:
             s = pool_features(_first_tensor(self._call(self.small, x)), "auto", self._mask)

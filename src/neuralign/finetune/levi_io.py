@@ -16,11 +16,12 @@ from neuralign.errors import CheckpointError, NeuralignError
 from neuralign.finetune.levi import LEVI
 
 _CONFIG_KEYS = ("num_outputs", "hidden", "task", "large_mode", "lora_r", "lora_alpha",
-                "lora_targets", "early_exit", "pad_token_id", "num_heads", "pool", "feature_dims")
+                "lora_targets", "early_exit", "pad_token_id", "num_heads", "pool", "feature_dims",
+                "tap_dims")
 
 
 def _small_spec(small: nn.Module | None):
-    from neuralign.finetune.levi_small import CNN4, TextMLP
+    from neuralign.finetune.levi_small import CNN4, TextMLP, TextTransformer
     from neuralign.models import model_config
 
     if small is None:
@@ -34,6 +35,12 @@ def _small_spec(small: nn.Module | None):
         return {"name": "text_mlp", "kwargs": {
             "vocab_size": small.embed.num_embeddings, "embed_dim": small.embed.embedding_dim,
             "hidden": [m.out_features for m in lin], "pad_token_id": small.pad_token_id}}
+    if isinstance(small, TextTransformer):
+        layer = small.encoder.layers[0]
+        return {"name": "text_transformer", "kwargs": {
+            "vocab_size": small.embed.num_embeddings, "dim": small.embed.embedding_dim,
+            "heads": layer.self_attn.num_heads, "layers": len(small.encoder.layers),
+            "max_length": small.max_length, "pad_token_id": small.pad_token_id}}
     cfg = model_config(small)
     return {"name": cfg["name"], "kwargs": cfg["kwargs"], "headless": True} if cfg else None
 
@@ -66,7 +73,7 @@ def _rebuild(spec: dict, what: str) -> nn.Module:
 
     if "path" in spec:
         return load_model(spec["path"])
-    if spec["name"] in ("cnn4", "text_mlp") or spec.get("headless"):
+    if spec["name"] in ("cnn4", "text_mlp", "text_transformer") or spec.get("headless"):
         return build_small(spec["name"], None, **spec["kwargs"])
     return get_model(spec["name"], **spec.get("kwargs", {}))
 
