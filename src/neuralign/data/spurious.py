@@ -13,7 +13,8 @@ no cue predicts the label). Three kinds, deliberately different in shape and pla
   ``strength`` (relative to the image range) over the whole image.
 
 ``spurious_split`` applies any number of cues to one set of images; ``levi_spurious_benchmark``
-builds the pre-training / fine-tuning / ID test / OOD test sets of a vision LEVI experiment (the retired vision benchmark used them; the LEVI benchmark is now ``benchmarks/levi_text.py``).
+builds the pre-training / fine-tuning / ID test / OOD test sets of a vision LEVI experiment
+(the retired vision benchmark used them; the LEVI benchmark is now ``benchmarks/levi_text.py``).
 """
 
 from __future__ import annotations
