@@ -49,7 +49,7 @@ def central_evaluator(task: FedTask):
         model = model_from_arrays(task, arrays)
         ev = evaluate(model, loader)
         metrics = {"accuracy": float(ev["accuracy"]), "loss": float(ev["loss"])}
-        for hook in list(ROUND_HOOKS):
+        for hook in ROUND_HOOKS:
             hook(server_round, dict(metrics))
         return MetricRecord(metrics)
 
@@ -61,7 +61,7 @@ def run_server(grid, run_config: dict) -> dict:
     ``task.output`` when set)."""
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from neuralign.federated.strategies import make_strategy
+    from neuralign.federated.strategies import make_strategy, strategy_options
 
     task = FedTask.from_run_config(run_config)
     name = str(run_config.get("strategy", "fedavg")).lower()
@@ -75,34 +75,23 @@ def run_server(grid, run_config: dict) -> dict:
         min_clients=min_clients, min_replies=int(run_config.get("min-replies", 1)),
         proximal_mu=float(run_config.get("proximal-mu", 0.01)),
         anchor_ratio=float(run_config.get("anchor-ratio", 0.4)),
-        anchor_seed=int(run_config.get("anchor-seed", task.seed)), model=model)
+        anchor_seed=int(run_config.get("anchor-seed", task.seed)), model=model,
+        **strategy_options(run_config))
     evaluate_fn = central_evaluator(task)
     train_config = ConfigRecord({"local-epochs": task.local_epochs, "lr": task.lr})
-    if name == "fedma":
-        from neuralign.federated.fedma import run_fedma
-
-        strategy.threshold = float(run_config.get("fedma-threshold", strategy.threshold))
-        strategy.max_growth = float(run_config.get("fedma-max-growth", strategy.max_growth))
-        strategy.matcher = str(run_config.get("fedma-matcher", strategy.matcher))
-        if strategy.matcher not in ("merge", "own"):
-            from neuralign.errors import NeuralignError
-
-            raise NeuralignError("fedma-matcher must be 'merge' or 'own', got "
-                                 f"{strategy.matcher!r}")
-        hist = run_fedma(grid, task, model, strategy, rounds, train_config, evaluate_fn, timeout)
-    else:
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                                num_rounds=rounds, timeout=timeout, train_config=train_config,
-                                evaluate_fn=evaluate_fn)
-        ev = result.evaluate_metrics_serverapp
-        hist = {
-            "_final_arrays": result.arrays,
-            "round": sorted(ev),
-            "accuracy": [float(ev[r]["accuracy"]) for r in sorted(ev)],
-            "loss": [float(ev[r]["loss"]) for r in sorted(ev)],
-            "failures": {str(k): v for k, v in strategy.failures.items()},
-            "participants": {str(k): v for k, v in strategy.participants.items()},
-        }
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+                            num_rounds=rounds, timeout=timeout, train_config=train_config,
+                            evaluate_fn=evaluate_fn)
+    ev = result.evaluate_metrics_serverapp
+    hist = {
+        "_final_arrays": result.arrays,
+        "round": sorted(ev),
+        "accuracy": [float(ev[r]["accuracy"]) for r in sorted(ev)],
+        "loss": [float(ev[r]["loss"]) for r in sorted(ev)],
+        "failures": {str(k): v for k, v in strategy.failures.items()},
+        "participants": {str(k): v for k, v in strategy.participants.items()},
+    }
+    hist.update(getattr(strategy, "history_extras", dict)())  # FedMA: widths per round
     hist.update(strategy=name, rounds=rounds, seconds=time.time() - t0, finished=True,
                 task=task.to_run_config())
     accs = [a for a in hist["accuracy"][1:] if not math.isnan(a)]
