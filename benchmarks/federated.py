@@ -298,6 +298,22 @@ def write(res, q):
             word = ("supported" if d > 2 * se else "contradicted" if d < -2 * se
                     else "not distinguishable")
             L.append(f"- α = {a}, {LABEL[m]}: {d:+.2f} ± {se:.2f} points → {word}")
+    chance = {k: r["accuracy"][-1] for k, r in res["runs"].items()
+              if r["accuracy"][-1] < 0.15 and int(k.rsplit("/", 1)[1]) in seeds}
+    if chance:
+        L += ["", "Runs that ended at chance level (final test accuracy < 15 %, the model never "
+              "learned or collapsed at the selected learning rate): "
+              + ", ".join(f"α = {k.split('/')[0]} {LABEL[k.split('/')[1]]} seed "
+                          f"{k.split('/')[2]}" for k in sorted(chance)) + ". They are kept "
+              "in the table above (the protocol chose that learning rate); for reference, the "
+              "paired differences over the seeds where FedAvg did learn:", ""]
+        for a in c["alphas"]:
+            ok = [s for s in seeds if f"{a}/fedavg/{s}" not in chance]
+            if len(ok) == len(seeds) or len(ok) < 2:
+                continue
+            L.append(f"- α = {a}, seeds {ok}: " + "; ".join(
+                f"{LABEL[m]} {paired(res, a, m, ok)[0]:+.2f} ± {paired(res, a, m, ok)[1]:.2f}"
+                for m in METHODS if m != "fedavg"))
     fails = {k: r["failures"] for k, r in res["runs"].items() if r.get("failures")}
     L += ["", f"Client failures during the evaluated runs: {len(fails)} runs with failures.", "",
           (f"Plot: `{name}_accuracy.png` (test accuracy per evaluated round, mean over seeds). "
