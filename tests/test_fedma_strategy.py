@@ -116,3 +116,24 @@ def test_fedma_is_a_flower_strategy():
     assert isinstance(s, Strategy)
     h = run_federated(TASK, "fedma", rounds=2, fraction=0.5)
     assert h["participants"] == {"1": 2, "2": 2}
+
+
+def test_fedma_driven_by_another_round_loop_through_its_public_methods():
+    """A loop other than ``Strategy.start`` (configure_train / aggregate_train only) gets the
+    same passes, the leftover round completed, and ``evaluates`` says which rounds to measure."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from neuralign.federated.strategies import make_strategy, strategy_options
+
+    cfg = build_run_config(TASK, "fedma", 3)
+    model = TASK.build_model()
+    s = make_strategy("fedma", num_clients=4, model=model, **strategy_options(cfg))
+    grid = LocalGrid(make_client_app(), TASK.num_partitions, cfg)
+    arrays, got = ArrayRecord(model.state_dict()), []
+    for r in (1, 2, 3):
+        msgs = s.configure_train(r, arrays, ConfigRecord({"lr": 0.1, "local-epochs": 1}), grid)
+        agg, _ = s.aggregate_train(r, grid.send_and_receive(msgs))
+        got.append((agg is not None, s.evaluates(r)))
+        arrays = agg if agg is not None else arrays
+    assert got == [(False, False), (True, True), (True, True)]
+    assert s.history_extras()["one_shot_layers"] == {"3": ["classifier"]}

@@ -38,7 +38,8 @@ class FedMA(_Reporting, fs.FedAvg):
 
     def __init__(self, model: nn.Module, *, threshold: float = 1.0, max_growth: float = 1.5,
                  iters: int = 3, matcher: str = "merge", independent_init: bool = False,
-                 class_weighting: bool = True, seed: int = 0, **kwargs):
+                 class_weighting: bool = True, seed: int = 0, num_rounds: int | None = None,
+                 **kwargs):
         kwargs.setdefault("fraction_evaluate", 0.0)
         super().__init__(**kwargs)
         if matcher not in ("merge", "own"):
@@ -59,7 +60,7 @@ class FedMA(_Reporting, fs.FedAvg):
         self._passes = 0
         self._client_sds: dict[int, dict] = {}
         self._complete: set[int] = {0}
-        self._num_rounds: int | None = None
+        self._num_rounds = num_rounds  # the last round completes its pass (``start`` sets it)
         self._init_reporting()
 
     # -- the run -------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ class FedMA(_Reporting, fs.FedAvg):
         wrapped = None
         if evaluate_fn is not None:
             def wrapped(server_round, arrays):
-                if server_round in self._complete:
+                if self.evaluates(server_round):
                     return evaluate_fn(server_round, arrays)
                 from neuralign.federated.server import ROUND_HOOKS
 
@@ -81,6 +82,11 @@ class FedMA(_Reporting, fs.FedAvg):
         return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
                              timeout=timeout, train_config=train_config,
                              evaluate_config=evaluate_config, evaluate_fn=wrapped)
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether ``server_round`` ended with a global model to evaluate (a completed pass, or
+        round 0). A round loop other than ``start`` must evaluate only those rounds."""
+        return server_round in self._complete
 
     def _sample(self, grid, server_round: int) -> list[int]:
         nodes = sorted(grid.get_node_ids())

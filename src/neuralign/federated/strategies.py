@@ -258,7 +258,7 @@ def make_strategy(name: str, *, num_clients: int, fraction: float = 1.0,
     neuron / per-round), ``anchor_head_ratio`` the output layer's ratio (None: not fixed).
     FedMA: ``model`` (the initial global model, required) and the keyword options of
     :class:`neuralign.federated.fedma_strategy.FedMA` (``threshold``, ``max_growth``, ``matcher``,
-    ``independent_init``, ``class_weighting``, ``seed``).
+    ``independent_init``, ``class_weighting``, ``seed``, ``num_rounds``).
     """
     name = name.lower()
     if name not in STRATEGIES:
@@ -310,6 +310,7 @@ def strategy_options(run_config) -> dict:
             if str(run_config.get(key, "")) != "":
                 out[key[len("fedma-"):].replace("-", "_")] = conv(run_config[key])
         out["seed"] = int(run_config.get("task.seed", 0))  # FedMA's seeded client sampling
+        out["num_rounds"] = int(run_config.get("num-rounds", 3))  # the last completes its pass
     return out
 
 
