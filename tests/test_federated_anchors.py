@@ -38,7 +38,8 @@ def _run(app, strategy="fedpfn", rounds=2, **options):
             return ev(r, arrays)
         return fn
 
-    cfg = build_run_config(TASK, strategy, rounds, anchor_ratio=0.5, anchor_seed=3, **options)
+    options = {"anchor_ratio": 0.5, "anchor_seed": 3, **options}
+    cfg = build_run_config(TASK, strategy, rounds, **options)
     server.central_evaluator = spy
     try:
         h = run_server(LocalGrid(app, TASK.num_partitions, cfg), cfg)
@@ -236,3 +237,8 @@ def test_helper_keeps_anchors_bit_exact_and_removes_its_hooks():
     opt.step()  # after the block the hooks are gone: anchored weights train again
     assert not torch.equal(params["layer1.0.weight"][masks["layer1.0.weight"]],
                            before["layer1.0.weight"][masks["layer1.0.weight"]])
+
+
+def test_ratio_zero_anchors_nothing_and_is_not_refused():
+    h, _ = _run(make_client_app(), rounds=1, anchor_ratio=0.0)
+    assert h["failures"] == {} and h["participants"] == {"1": 3}

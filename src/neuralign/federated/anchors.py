@@ -153,7 +153,8 @@ class AnchorSet:
                 raise NeuralignError(f"anchor mask {n!r} does not fit the model (missing or "
                                      "another shape)")
         self.values = {n: params[n].detach().clone() for n in self.masks}
-        self.hash = mask_hash(self.masks) if self.masks else None
+        # a message's mask is confirmed even when it is empty (ratio 0); no message: no hash
+        self.hash = None if masks is None else mask_hash(self.masks)
 
     @property
     def metrics(self) -> dict:
