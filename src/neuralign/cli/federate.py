@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
                  f"fedma only, not {strategy}")
         if resume and strategy == "fedma":
             fail("--resume is not supported for fedma (its passes keep per-client models "
-                 "between rounds); rerun it, or start from a saved model with --init")
+                 "between rounds); rerun it from the start")
         check_range(round_timeout, "--round-timeout", lo=0, lo_open=True)
         check_range(node_timeout, "--node-timeout", lo=0)
         client_data = check_choice(client_data, ("partition", "node"), "--client-data")

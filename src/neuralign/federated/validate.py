@@ -93,8 +93,8 @@ def check_run_config(cfg) -> None:
           "resume (--resume) needs checkpoint-dir (--checkpoint-dir), where the run's "
           "checkpoints are")
     _need(not (_flag(cfg, "resume") and strategy == "fedma"), "resume (--resume) is not "
-          "supported for fedma (its passes keep per-client models between rounds); rerun it, "
-          "or start from a saved model with --init")
+          "supported for fedma (its passes keep per-client models between rounds); rerun it "
+          "from the start")
     _check_method_options(cfg, strategy)
 
 
