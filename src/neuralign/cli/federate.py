@@ -20,6 +20,8 @@ from neuralign.cli._inputs import check_choice, check_data_name, check_device, c
 
 ENGINES = ("inprocess", "simulation")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedpfn", "fedpnu", "fedma")
+MODEL_OPT = typer.Option(None, "--model-option", "-m", help="model argument key=value, e.g. "
+                         "width=8")
 
 
 def register(app: typer.Typer) -> None:
@@ -35,8 +37,7 @@ def register(app: typer.Typer) -> None:
         test_subset: int = typer.Option(0, help="test subset for the server's evaluation"),
         data_root: str = typer.Option("", help="Fashion-MNIST folder (default location if empty)"),
         model: str = typer.Option("lenet", help="lenet or a neuralign model name (mlp, cnn, ...)"),
-        model_option: list[str] = typer.Option(None, "--model-option", "-m",
-                                               help="model argument key=value, e.g. width=8"),
+        model_option: list[str] = MODEL_OPT,
         local_epochs: int = typer.Option(1, help="local epochs per round"),
         lr: float = typer.Option(0.03),
         batch_size: int = typer.Option(32),
