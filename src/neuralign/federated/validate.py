@@ -126,11 +126,11 @@ def _check_method_options(cfg, strategy: str) -> None:
     anchor_keys = [k for k in ("anchor-policy", "anchor-granularity", "anchor-head-ratio")
                    if given(k)]
     _need(not anchor_keys or strategy in ("fedpfn", "fedpnu"), f"{', '.join(anchor_keys)} "
-          f"apply to fedpfn / fedpnu only, not {strategy}")
+          f"apply to fedpfn / fedpnu only, not {strategy}; leave them out (or empty)")
     fedma_keys = [k for k in ("fedma-threshold", "fedma-max-growth", "fedma-matcher",
                               "fedma-independent-init", "fedma-class-weighting") if given(k)]
     _need(not fedma_keys or strategy == "fedma", f"{', '.join(fedma_keys)} apply to fedma "
-          f"only, not {strategy}")
+          f"only, not {strategy}; leave them out (or empty)")
 
 
 def _flag(cfg, key) -> bool:
