@@ -20,6 +20,8 @@ from neuralign.cli._inputs import check_choice, check_data_name, check_device, c
 
 ENGINES = ("inprocess", "simulation")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedpfn", "fedpnu", "fedma")
+MODEL_OPT = typer.Option(None, "--model-option", "-m", help="model argument key=value, e.g. "
+                         "width=8")
 
 
 def register(app: typer.Typer) -> None:
@@ -35,8 +37,7 @@ def register(app: typer.Typer) -> None:
         test_subset: int = typer.Option(0, help="test subset for the server's evaluation"),
         data_root: str = typer.Option("", help="Fashion-MNIST folder (default location if empty)"),
         model: str = typer.Option("lenet", help="lenet or a neuralign model name (mlp, cnn, ...)"),
-        model_option: list[str] = typer.Option(None, "--model-option", "-m",
-                                               help="model argument key=value, e.g. width=8"),
+        model_option: list[str] = MODEL_OPT,
         local_epochs: int = typer.Option(1, help="local epochs per round"),
         lr: float = typer.Option(0.03),
         batch_size: int = typer.Option(32),
@@ -65,6 +66,24 @@ def register(app: typer.Typer) -> None:
                                             "into this directory"),
         proximal_mu: float = typer.Option(0.01, help="FedProx proximal weight"),
         anchor_ratio: float = typer.Option(0.4, help="FedPFN / FedPNU mask ratio rho"),
+        anchor_policy: str = typer.Option(None, "--anchor-policy", help="FedPFN / FedPNU: "
+                                          "fixed (one mask for the run) or per-round (a new "
+                                          "mask every round); default fixed for fedpfn, "
+                                          "per-round for fedpnu"),
+        anchor_granularity: str = typer.Option(None, "--anchor-granularity", help="FedPFN / "
+                                               "FedPNU: weight (single weights) or neuron "
+                                               "(whole neurons); default weight for fedpfn, "
+                                               "neuron for fedpnu"),
+        anchor_head_ratio: float = typer.Option(None, "--anchor-head-ratio", help="FedPFN / "
+                                                "FedPNU: the output layer's mask ratio, in "
+                                                "[0, 1) (default: the layer is not fixed)"),
+        fedma_independent_init: bool = typer.Option(False, "--fedma-independent-init",
+                                                    help="FedMA: in the first pass every "
+                                                    "client starts from its own random init"),
+        fedma_class_weighting: bool = typer.Option(True, "--fedma-class-weighting/"
+                                                   "--no-fedma-class-weighting", help="FedMA: "
+                                                   "weight the output layer per class by the "
+                                                   "clients' class counts (off: by data size)"),
         engine: str = typer.Option("inprocess", help="inprocess (no Ray) or simulation (Flower's "
                                    "Ray simulation engine)"),
         out: str = typer.Option("", help="write the history here (.json)"),
@@ -95,6 +114,22 @@ def register(app: typer.Typer) -> None:
         check_range(lr, "--lr", lo=0, lo_open=True)
         check_range(fraction, "--fraction", lo=0, hi=1, lo_open=True)
         check_range(anchor_ratio, "--anchor-ratio", lo=0, hi=1, hi_open=True)
+        anchor_policy = check_choice(anchor_policy, ("fixed", "per-round"), "--anchor-policy")
+        anchor_granularity = check_choice(anchor_granularity, ("weight", "neuron"),
+                                          "--anchor-granularity")
+        if anchor_head_ratio is not None:
+            check_range(anchor_head_ratio, "--anchor-head-ratio", lo=0, hi=1, hi_open=True)
+        given = [f for f, v in (("--anchor-policy", anchor_policy),
+                                ("--anchor-granularity", anchor_granularity),
+                                ("--anchor-head-ratio", anchor_head_ratio)) if v is not None]
+        if given and strategy not in ("fedpfn", "fedpnu"):
+            fail(f"{', '.join(given)} apply to --strategy fedpfn / fedpnu only, not {strategy}")
+        if strategy != "fedma" and (fedma_independent_init or not fedma_class_weighting):
+            fail("--fedma-independent-init / --no-fedma-class-weighting apply to --strategy "
+                 f"fedma only, not {strategy}")
+        if resume and strategy == "fedma":
+            fail("--resume is not supported for fedma (its passes keep per-client models "
+                 "between rounds); rerun it from the start")
         check_range(round_timeout, "--round-timeout", lo=0, lo_open=True)
         check_range(node_timeout, "--node-timeout", lo=0)
         client_data = check_choice(client_data, ("partition", "node"), "--client-data")
@@ -133,8 +168,13 @@ def register(app: typer.Typer) -> None:
                    "min_replies": min_replies, "round_timeout": round_timeout,
                    "node_timeout": node_timeout, "proximal_mu": proximal_mu,
                    "anchor_ratio": anchor_ratio, "anchor_seed": seed,
+                   "anchor_policy": anchor_policy, "anchor_granularity": anchor_granularity,
+                   "anchor_head_ratio": anchor_head_ratio,
                    "checkpoint_dir": checkpoint_dir or None, "resume": resume or None,
                    "init": init or None}
+        if strategy == "fedma":
+            options.update(fedma_independent_init=fedma_independent_init,
+                           fedma_class_weighting=fedma_class_weighting)
         with rep.running():
             _run(rep, settings, options, engine, out, save_model, write_app, write_node_data,
                  verbose)

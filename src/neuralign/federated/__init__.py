@@ -2,7 +2,9 @@
 
 Use :func:`run_federated` for a run on one machine; ``make_client_app`` / ``make_server_app``
 (and the module-level apps in :mod:`neuralign.federated.app`) for Flower's engines;
-:func:`load_node_data` / :func:`write_node_data` for SuperNodes that read their own data.
+:func:`load_node_data` / :func:`write_node_data` for SuperNodes that read their own data;
+:func:`fixed_anchors` for a user's own ClientApp under FedPFN / FedPNU; :class:`FedMA` (the
+strategy).
 """
 
 from neuralign.federated.node_data import load_node_data, write_node_data
@@ -11,12 +13,14 @@ from neuralign.federated.task import FedTask
 
 __all__ = [
     "FedAvg",
+    "FedMA",
     "FedPFN",
     "FedPNU",
     "FedProx",
     "FedTask",
     "LocalGrid",
     "dirichlet_partition",
+    "fixed_anchors",
     "label_histogram",
     "load_node_data",
     "local_train",
@@ -34,6 +38,9 @@ def __getattr__(name):  # Flower is imported only when a Flower-backed name is u
     if name == "run_federated":
         from neuralign.federated.runner import run_federated
         return run_federated
+    if name == "fixed_anchors":
+        from neuralign.federated.anchors import fixed_anchors
+        return fixed_anchors
     if name in ("make_client_app", "local_train"):
         from neuralign.federated import client
         return getattr(client, name)
@@ -43,6 +50,9 @@ def __getattr__(name):  # Flower is imported only when a Flower-backed name is u
     if name in ("make_strategy", "FedPFN", "FedPNU", "FedAvg", "FedProx"):
         from neuralign.federated import strategies
         return getattr(strategies, name)
+    if name == "FedMA":
+        from neuralign.federated.fedma_strategy import FedMA
+        return FedMA
     if name in ("match_layer", "matched_average_step"):
         from neuralign.federated import fedma
         return getattr(fedma, name)

@@ -4,10 +4,12 @@ The server tells a client what to do through the message's ``ConfigRecord``:
 
 * ``method``: ``fedavg`` | ``fedprox`` | ``fedpfn`` | ``fedpnu`` | ``fedma``;
 * ``proximal-mu`` (FedProx): weight of ``mu/2 * ||w - w_global||^2``;
-* ``anchor-ratio``, ``anchor-seed``, ``anchor-granularity`` (FedPFN / FedPNU): the fixed-anchor
-  mask every client rebuilds identically from the seed; the fixed values are the ones of the
-  received global model;
-* ``freeze`` (FedMA): comma-separated parameter names kept frozen (already-matched layers).
+* FedPFN / FedPNU: the anchor mask itself travels in the message (``anchor-masks``, packed
+  bits) with its hash in the config; the client checks the hash, keeps the masked weights at
+  the received global values and echoes the hash in its metrics
+  (:mod:`neuralign.federated.anchors`);
+* ``freeze`` (FedMA): comma-separated parameter names kept frozen (already-matched layers);
+  FedMA clients also report their ``class-counts`` (per-class output-layer weighting).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import torch
 from torch import nn
 
 from neuralign.errors import NeuralignError
+from neuralign.federated.anchors import AnchorSet, MaskPolicy, anchors_from_message
 from neuralign.federated.task import FedTask
 from neuralign.train import evaluate, train
-from neuralign.train.anchors import FixedNeuronAnchors
 
 METHODS = ("fedavg", "fedprox", "fedpfn", "fedpnu", "fedma")
 
@@ -48,10 +50,14 @@ class _Freeze:
             params[n].copy_(v)
 
 
-def local_train(model: nn.Module, loader, task: FedTask, config) -> tuple[nn.Module, dict]:
+def local_train(model: nn.Module, loader, task: FedTask, config,
+                anchors: AnchorSet | None = None) -> tuple[nn.Module, dict]:
     """Train a copy of the received global ``model`` on the client's data as ``config`` says.
 
-    Returns the trained copy and its metrics (``train_loss``, ``train_accuracy``).
+    ``anchors``: the anchor set of the train message (:func:`anchors_from_message`); without
+    it, FedPFN / FedPNU draw the mask from the config's ``anchor-*`` keys. Returns the trained
+    copy and its metrics (``train_loss``, ``train_accuracy``, the anchor mask hash for
+    FedPFN / FedPNU, ``class-counts`` for FedMA).
     """
     method = str(config.get("method", "fedavg"))
     if method not in METHODS:
@@ -65,11 +71,15 @@ def local_train(model: nn.Module, loader, task: FedTask, config) -> tuple[nn.Mod
         def regularizer(m, ref=ref, mu=mu):
             return 0.5 * mu * sum(((p - r) ** 2).sum() for p, r in zip(m.parameters(), ref))
     if method in ("fedpfn", "fedpnu"):
-        ratio = float(config.get("anchor-ratio", 0.4))
-        if ratio > 0:
-            callbacks.append(FixedNeuronAnchors(
-                model, ratio, seed=int(config.get("anchor-seed", 0)),
-                granularity=str(config.get("anchor-granularity", "weight"))))
+        if anchors is None:
+            head = config.get("anchor-head-ratio")
+            policy = MaskPolicy(ratio=float(config.get("anchor-ratio", 0.4)),
+                                head_ratio=None if head is None else float(head),
+                                granularity=str(config.get("anchor-granularity", "weight")),
+                                seed=int(config.get("anchor-seed", 0)))
+            anchors = AnchorSet(local, policy.draw(local.state_dict(), 0))
+        if anchors.masks:
+            callbacks.append(anchors)
     freeze = [n for n in str(config.get("freeze", "")).split(",") if n]
     if freeze:
         callbacks.append(_Freeze(local, freeze))
@@ -79,8 +89,33 @@ def local_train(model: nn.Module, loader, task: FedTask, config) -> tuple[nn.Mod
                  regularizer=regularizer, progress=False,
                  seed=int(config.get("server-round", 0)) * 7919 + task.seed)
     last = hist.epochs[-1]
-    return local, {"train_loss": float(last["train_loss"]),
-                   "train_accuracy": float(last["train_accuracy"])}
+    metrics = {"train_loss": float(last["train_loss"]),
+               "train_accuracy": float(last["train_accuracy"])}
+    if anchors is not None:
+        if not anchors.check(local):
+            raise NeuralignError("an anchored weight moved during local training")
+        metrics.update(anchors.metrics)
+    if method == "fedma":
+        metrics["class-counts"] = _class_counts(loader, _num_outputs(local))
+    return local, metrics
+
+
+def _num_outputs(model: nn.Module) -> int:
+    return int([m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+               .weight.shape[0])
+
+
+def _class_counts(loader, num_classes: int) -> list[int]:
+    """Examples per class in the client's data (FedMA weights its output layer by them)."""
+    ds = loader.dataset
+    idx = None
+    if isinstance(ds, torch.utils.data.Subset):
+        ds, idx = ds.dataset, torch.as_tensor(ds.indices, dtype=torch.long)
+    if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) >= 2:
+        y = ds.tensors[1] if idx is None else ds.tensors[1][idx]
+    else:
+        y = torch.cat([torch.as_tensor(b[1]).reshape(-1) for b in loader])
+    return torch.bincount(y.long().reshape(-1), minlength=num_classes).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,8 +174,9 @@ def make_client_app():
             raise RuntimeError(f"client {pid} failed on purpose (fail-partitions)")
         torch.set_num_threads(int(context.node_config.get("num-threads", 1)))
         model = model_from_arrays(task, msg.content["arrays"])
+        anchors = anchors_from_message(model, msg)  # refuses a mask that fails its hash
         loader = _client_loader(task, context, int(config.get("server-round", 0)))
-        local, metrics = local_train(model, loader, task, config)
+        local, metrics = local_train(model, loader, task, config, anchors=anchors)
         metrics["num-examples"] = len(loader.dataset)
         content = RecordDict({"arrays": ArrayRecord(local.state_dict()),
                               "metrics": MetricRecord(metrics)})

@@ -57,6 +57,13 @@ def _toml_value(v) -> str:
 APP_DEFAULTS = {"fraction": 1.0, "min-clients": 0, "min-replies": 1, "round-timeout": 600.0,
                 "node-timeout": 120.0, "checkpoint-dir": "", "resume": False, "init": "",
                 "save-model": ""}
+# and those of the run's strategy (anchor-head-ratio only when given: its default is "none")
+METHOD_DEFAULTS = {
+    "fedpfn": {"anchor-policy": "fixed", "anchor-granularity": "weight"},
+    "fedpnu": {"anchor-policy": "per-round", "anchor-granularity": "neuron"},
+    "fedma": {"fedma-threshold": 1.0, "fedma-max-growth": 1.5, "fedma-matcher": "merge",
+              "fedma-independent-init": False, "fedma-class-weighting": True},
+}
 
 
 def write_flower_app(directory, run_config: dict, *, name: str = "neuralign-fl") -> Path:
@@ -64,7 +71,8 @@ def write_flower_app(directory, run_config: dict, *, name: str = "neuralign-fl")
     ``run_config`` is checked first (:func:`neuralign.federated.validate.check_run_config`)."""
     from neuralign.federated.validate import check_run_config
 
-    run_config = {**APP_DEFAULTS, **run_config}
+    method = METHOD_DEFAULTS.get(str(run_config.get("strategy", "fedavg")).lower(), {})
+    run_config = {**APP_DEFAULTS, **method, **run_config}
     check_run_config(run_config)
     d = Path(directory)
     if d.exists() and not d.is_dir():

@@ -6,7 +6,10 @@ the neurons of layer ``l`` across clients (Hungarian matching, with the option t
 global neuron when a client neuron matches nothing well), averages matched neurons into the
 global layer ``l`` (width ``g_l >= d_l``), and sends every client back its own model with layer
 ``l`` replaced by the global one and the input columns of layer ``l+1`` moved to the global
-neuron order. The last layer is averaged (per input column, over the clients that have it).
+neuron order. The last layer is averaged per input column over the clients that have it, each
+output neuron (class) weighted by the clients' example counts of that class (FedMA's
+per-class weighting, which matters under label skew). The Flower strategy that drives the
+rounds is :class:`neuralign.federated.fedma_strategy.FedMA`.
 
 Matching (our reading of Eq. 15, where the survey leaves c, epsilon and f open): neuron
 features are the incoming weights and bias (inputs already in global order); the cost of
@@ -21,28 +24,13 @@ layers without normalisation layers (e.g. ``get_model("cnn", norm="none")``, ``m
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from neuralign.errors import ArchitectureMismatchError, NeuralignError
-
-
-@dataclasses.dataclass
-class FedMAConfig:
-    min_clients: int = 2
-    min_replies: int = 1
-    fraction: float = 1.0
-    threshold: float = 1.0
-    max_growth: float = 1.5
-    iters: int = 3
-    matcher: str = "merge"  # "merge": neuralign.merge.matched_averaging; "own": match_layer
-    failures: dict = dataclasses.field(default_factory=dict)
-    participants: dict = dataclasses.field(default_factory=dict)
+from neuralign.errors import ArchitectureMismatchError
 
 
 def chain_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -124,7 +112,7 @@ def match_layer(features: list[torch.Tensor], weights: list[float], *, threshold
                 continue
             if all(a is None for k, a in enumerate(assign) if k != j):
                 continue
-            G, used, remap = global_mean(skip=j)
+            G, _used, remap = global_mean(skip=j)
             for k, a in enumerate(assign):  # compact indices of the others
                 if a is not None and k != j:
                     assign[k] = remap[a]
@@ -141,7 +129,7 @@ def match_layer(features: list[torch.Tensor], weights: list[float], *, threshold
             is_new = a >= g
             a[is_new] = g + torch.arange(int(is_new.sum()))  # new neurons get the next indices
             assign[j] = a
-    G, used, remap = global_mean(skip=None)
+    G, _used, remap = global_mean(skip=None)
     assign = [remap[a] for a in assign]
     return G.float(), assign
 
@@ -195,23 +183,35 @@ def _merge_matcher(sds, weights, layers, l, template, max_width, iters):
 
 def matched_average_step(sds: list[dict], weights: list[float], layers: list[str], l: int, *,
                          threshold: float = 1.0, max_width: int | None = None, iters: int = 3,
-                         template: nn.Module | None = None) -> tuple[list[dict], dict]:
+                         template: nn.Module | None = None,
+                         class_weights: list | None = None) -> tuple[list[dict], dict]:
     """Match layer ``l`` across the clients' state dicts; return the clients' new state dicts
     (layer ``l`` global, layer ``l+1`` inputs in global order) and the global layer's tensors.
 
     With ``template`` (a model of the clients' architecture) the matching is done by the shared
-    :func:`neuralign.merge.matched_averaging`; without it by :func:`match_layer` here."""
+    :func:`neuralign.merge.matched_averaging`; without it by :func:`match_layer` here.
+    ``class_weights`` (one row of per-class example counts per client) weights each output
+    neuron of the last layer by the clients' counts of its class, as FedMA does; a class no
+    client has falls back to ``weights``."""
     name = layers[l]
     has_bias = f"{name}.bias" in sds[0]
     if l == len(layers) - 1:  # last layer: average each input column over clients having it
-        W = torch.stack([sd[f"{name}.weight"].double() for sd in sds])
-        ww = torch.tensor(weights, dtype=torch.float64).view(-1, 1, 1)
-        present = (W.abs().sum(1, keepdim=True) > 0).double() * ww
-        Wg = (W * ww).sum(0) / present.sum(0).clamp_min(1e-12)
+        W = torch.stack([sd[f"{name}.weight"].double() for sd in sds])  # (J, C, F)
+        J, C = W.shape[:2]
+        ww = torch.tensor(weights, dtype=torch.float64).view(-1, 1).expand(J, C)
+        if class_weights is not None:
+            cw = torch.as_tensor(np.asarray(class_weights, dtype=np.float64))
+            if cw.shape != (J, C):
+                raise ArchitectureMismatchError(f"class_weights has shape {tuple(cw.shape)}, "
+                                                f"expected (clients, classes) = {(J, C)}")
+            ww = torch.where(cw.sum(0, keepdim=True) > 0, cw, ww)  # (J, C)
+        present = (W.abs().sum(1, keepdim=True) > 0).double()  # (J, 1, F): column exists
+        wt = ww[:, :, None] * present
+        Wg = (W * wt).sum(0) / wt.sum(0).clamp_min(1e-12)
         out = {f"{name}.weight": Wg.float()}
         if has_bias:
             b = torch.stack([sd[f"{name}.bias"].double() for sd in sds])
-            out[f"{name}.bias"] = ((b * ww[:, :, 0]).sum(0) / ww.sum()).float()
+            out[f"{name}.bias"] = ((b * ww).sum(0) / ww.sum(0).clamp_min(1e-12)).float()
         return [dict(sd, **out) for sd in sds], out
     if template is not None:
         glob, assign, g = _merge_matcher(sds, weights, layers, l, template, max_width, iters)
@@ -232,75 +232,3 @@ def matched_average_step(sds: list[dict], weights: list[float], layers: list[str
         sd[f"{nxt}.weight"] = _scatter_inputs(sd[f"{nxt}.weight"], a, g)
         new.append(sd)
     return new, glob
-
-
-def run_fedma(grid, task, model, cfg: FedMAConfig, rounds: int, train_config, evaluate_fn,
-              timeout: float) -> dict:
-    """FedMA's server loop on a Flower ``Grid`` (one communication round per layer)."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-
-    from neuralign.federated.strategies import _Reporting
-
-    layers = [n for n, _ in chain_layers(model)]
-    L = len(layers)
-    base_width = {n: m.weight.shape[0] for n, m in chain_layers(model)}
-    global_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    rep = _Reporting()
-    rep._init_reporting()
-    ev0 = evaluate_fn(0, ArrayRecord(global_sd))
-    hist = {"round": [0], "accuracy": [float(ev0["accuracy"])], "loss": [float(ev0["loss"])],
-            "widths": {}}
-    client_sds: dict[int, dict] = {}
-    for r in range(1, rounds + 1):
-        l = (r - 1) % L
-        if l == 0:  # a new pass: every available node starts from the global model
-            nodes = list(grid.get_node_ids())
-            if len(nodes) < cfg.min_clients:
-                raise NeuralignError(f"FedMA needs {cfg.min_clients} clients, {len(nodes)} online")
-            client_sds = {n: global_sd for n in nodes}
-        freeze = ",".join(f"{layers[k]}.{p}" for k in range(l) for p in ("weight", "bias")
-                          if f"{layers[k]}.{p}" in global_sd)
-        msgs = []
-        for nid, sd in client_sds.items():
-            conf = ConfigRecord(dict(train_config, **{"method": "fedma", "server-round": r,
-                                                      "freeze": freeze}))
-            msgs.append(Message(RecordDict({"arrays": ArrayRecord(sd), "config": conf}),
-                                dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(r)))
-        msgs = rep._record_sent(r, msgs)
-        replies = [m for m in rep._record_replies(r, grid.send_and_receive(msgs, timeout=timeout))
-                   if not m.has_error()]
-        if len(replies) < max(cfg.min_replies, 1):
-            raise NeuralignError(f"FedMA round {r}: {len(replies)} client(s) answered, fewer "
-                                 f"than min_replies={cfg.min_replies}")
-        ids = [m.metadata.src_node_id for m in replies]
-        sds = [m.content["arrays"].to_torch_state_dict() for m in replies]
-        weights = [float(m.content["metrics"]["num-examples"]) for m in replies]
-        cap = int(math.ceil(cfg.max_growth * base_width[layers[l]]))
-        new, glob = matched_average_step(sds, weights, layers, l, threshold=cfg.threshold,
-                                         max_width=cap, iters=cfg.iters,
-                                         template=model if cfg.matcher == "merge" else None)
-        client_sds = dict(zip(ids, new))  # failed clients sit out the rest of this pass
-        hist["widths"][str(r)] = int(glob[f"{layers[l]}.weight"].shape[0])
-        acc, loss = float("nan"), float("nan")
-        if l != L - 1:  # mid-pass: no global model to evaluate yet; report the matched layer
-            from neuralign.federated.server import ROUND_HOOKS
-
-            for hook in list(ROUND_HOOKS):
-                hook(r, {"layer": layers[l], "width": hist["widths"][str(r)]})
-        if l == L - 1:  # pass complete: every layer is global
-            global_sd = copy.copy(new[0])
-            ev = evaluate_fn(r, ArrayRecord(global_sd))
-            acc, loss = float(ev["accuracy"]), float(ev["loss"])
-        hist["round"].append(r)
-        hist["accuracy"].append(acc)
-        hist["loss"].append(loss)
-    cfg.failures, cfg.participants = rep.failures, rep.participants
-    hist["failures"] = {str(k): v for k, v in rep.failures.items()}
-    hist["participants"] = {str(k): v for k, v in rep.participants.items()}
-    hist["global_widths"] = {n: int(global_sd[f"{n}.weight"].shape[0]) for n in layers}
-    hist["_final_arrays"] = ArrayRecord(global_sd)
-    if math.isnan(hist["accuracy"][-1]):  # the last pass is incomplete: report the last global
-        done = [a for a in hist["accuracy"] if not math.isnan(a)]
-        hist["accuracy"][-1] = done[-1]
-        hist["loss"][-1] = [x for x in hist["loss"] if not math.isnan(x)][-1]
-    return hist

@@ -14,7 +14,7 @@ class LeNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
                  width: int = 6, hidden: int = 64):
         super().__init__()
-        c1, c2 = width, int(round(width * 8 / 3))  # 6 -> 16 as in LeNet-5
+        c1, c2 = width, round(width * 8 / 3)  # 6 -> 16 as in LeNet-5
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, c1, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2))

@@ -1,4 +1,4 @@
-"""The round loop every strategy but FedMA's own runs in (instead of Flower's ``Strategy.start``).
+"""The round loop every strategy runs in (instead of Flower's ``Strategy.start``).
 
 It drives a Flower strategy through its public ``configure_train`` / ``aggregate_train`` and adds
 what a deployment needs and ``start`` lacks:
@@ -11,6 +11,11 @@ what a deployment needs and ``start`` lacks:
 * replies sorted by node id before aggregation, so the float sums do not depend on arrival order;
 * a history of every round (accuracy, loss, failed / missing clients, who was sampled) and a
   callback after each round (the per-round checkpoint).
+
+A layer-wise strategy (FedMA) says through ``evaluates(round)`` which rounds end with a global
+model: only those are evaluated (and listed in ``round`` / ``accuracy``); a round in the middle
+of one of its passes is not a skipped round. Its ``aggregate_train`` is called even with too few
+results, so it can abandon the pass.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ def run_rounds(strategy, grid, arrays, hist: dict, *, first_round: int, num_roun
     strategy.fraction_train = 1.0
     strategy.min_train_nodes = 1
     strategy.min_available_nodes = 1
+    evaluates = getattr(strategy, "evaluates", None)  # layer-wise: rounds with a global model
     for r in range(first_round, num_rounds + 1):
         sample, note = sample_nodes(grid, r, seed=seed, fraction=fraction,
                                     min_clients=min_clients, node_timeout=node_timeout)
@@ -115,23 +121,27 @@ def run_rounds(strategy, grid, arrays, hist: dict, *, first_round: int, num_roun
                   "lost)" for n in sent if n not in got]
         ok = sum(1 for m in replies if not m.has_error())
         agg = None
-        if ok >= min_replies:
+        if ok >= min_replies or evaluates is not None:  # FedMA abandons a pass itself
             agg, _ = strategy.aggregate_train(r, replies)
             good = {f"node {node_of(m)}" for m in replies if not m.has_error()}
             ok, notes = _strategy_report(strategy, r, ok, notes, good)
-        if agg is None:
+        mid_pass = agg is None and evaluates is not None and ok >= min_replies
+        if agg is None and not mid_pass:
             notes.append(f"round skipped: {ok} result(s) < min-replies={min_replies}; the "
                          "global model is unchanged" if ok < min_replies else
                          "round skipped: the strategy produced no model")
+            if evaluates is not None:
+                notes[-1] += "; the pass is abandoned, the next round starts a new one"
             hist.setdefault("skipped", []).append(r)
-        else:
+        elif agg is not None:
             arrays = agg
-        ev = evaluate_fn(r, arrays)
-        hist["round"].append(r)
-        hist["accuracy"].append(float(ev["accuracy"]))
-        hist["loss"].append(float(ev["loss"]))
+        if evaluates is None or evaluates(r):
+            ev = evaluate_fn(r, arrays)
+            hist["round"].append(r)
+            hist["accuracy"].append(float(ev["accuracy"]))
+            hist["loss"].append(float(ev["loss"]))
         hist["participants"][str(r)] = ok
-        hist["sampled"][str(r)] = sample
+        hist["sampled"][str(r)] = sent  # FedMA: its pass's clients, not the round's draw
         if notes:
             hist["failures"][str(r)] = notes
         if on_round is not None:

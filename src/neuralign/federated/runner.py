@@ -52,7 +52,10 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
                   proximal_mu: float = 0.01, anchor_ratio: float = 0.4,
                   anchor_seed: int | None = None, fedma_threshold: float | None = None,
                   fedma_max_growth: float | None = None, fedma_matcher: str | None = None,
-                  checkpoint_dir: str | None = None, resume: bool = False,
+                  fedma_independent_init: bool | None = None,
+                  fedma_class_weighting: bool | None = None,
+                  anchor_policy: str | None = None, anchor_granularity: str | None = None,
+                  anchor_head_ratio: float | None = None, checkpoint_dir: str | None = None, resume: bool = False,
                   init: str | None = None, save_model: str | None = None,
                   verbose: bool = False, **task_kwargs) -> dict:
     """Run ``rounds`` rounds of ``strategy`` with ``task.num_partitions`` clients.
@@ -67,7 +70,11 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
     ``min_clients`` nodes to be online before it samples those that are. ``checkpoint_dir``:
     a checkpoint after every round; ``resume=True`` continues from it. ``init``: a
     ``.safetensors`` state dict of the task's model to start from. ``save_model`` writes the
-    final global model. Every setting is checked before anything starts (one-line
+    final global model. ``anchor_policy`` (``"fixed"`` | ``"per-round"``),
+    ``anchor_granularity`` (``"weight"`` | ``"neuron"``), ``anchor_head_ratio`` (the output
+    layer's ratio): FedPFN / FedPNU's mask (None: the strategy's default).
+    ``fedma_independent_init`` / ``fedma_class_weighting``: FedMA's first-pass inits and
+    per-class output weighting (None: off / on). Every setting is checked before anything starts (one-line
     :class:`NeuralignError`); a run in which every round failed raises one too.
     """
     task = task or FedTask()
@@ -86,7 +93,11 @@ def run_federated(task: FedTask | None = None, strategy: str = "fedavg", rounds:
                            proximal_mu=proximal_mu, anchor_ratio=anchor_ratio,
                            anchor_seed=anchor_seed if anchor_seed is not None else task.seed,
                            fedma_threshold=fedma_threshold, fedma_max_growth=fedma_max_growth,
-                           fedma_matcher=fedma_matcher, checkpoint_dir=checkpoint_dir,
+                           fedma_matcher=fedma_matcher,
+                           fedma_independent_init=fedma_independent_init,
+                           fedma_class_weighting=fedma_class_weighting,
+                           anchor_policy=anchor_policy, anchor_granularity=anchor_granularity,
+                           anchor_head_ratio=anchor_head_ratio, checkpoint_dir=checkpoint_dir,
                            resume=bool(resume) or None, init=init, save_model=save_model)
     check_before_start(task, cfg)
     from neuralign.federated.client import make_client_app

@@ -6,9 +6,12 @@ Run config keys read by the ServerApp (besides the ``task.*`` keys of :class:`Fe
 ``min-replies`` (fewer results skip the round), ``round-timeout`` (seconds a round waits for
 replies), ``proximal-mu``, ``anchor-ratio``, ``anchor-seed``, ``checkpoint-dir`` (a checkpoint
 after every round), ``resume`` (continue from it), ``init`` (a .safetensors to start from),
-``save-model`` (a .safetensors path for the final global model), and FedMA's
-``fedma-threshold`` / ``fedma-max-growth`` / ``fedma-matcher``. Every key is checked before the
-run starts (:mod:`neuralign.federated.validate`).
+``save-model`` (a .safetensors path for the final global model), the anchor mask's
+``anchor-policy`` / ``anchor-granularity`` / ``anchor-head-ratio`` (FedPFN, FedPNU), and FedMA's
+``fedma-threshold`` / ``fedma-max-growth`` / ``fedma-matcher`` / ``fedma-independent-init`` /
+``fedma-class-weighting``. Every key is checked before the run starts
+(:mod:`neuralign.federated.validate`). FedMA runs in the same round loop: only the rounds that
+complete one of its passes are evaluated (:meth:`FedMA.evaluates`).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def run_server(grid, run_config: dict) -> dict:
     round failed (the history is still written)."""
     from flwr.app import ArrayRecord
 
-    from neuralign.federated.strategies import make_strategy
+    from neuralign.federated.strategies import make_strategy, strategy_options
     from neuralign.federated.validate import (
         check_partitions,
         check_run_config,
@@ -101,47 +104,51 @@ def run_server(grid, run_config: dict) -> dict:
         min_clients=min_clients, min_replies=min_replies,
         proximal_mu=float(run_config.get("proximal-mu", 0.01)),
         anchor_ratio=float(run_config.get("anchor-ratio", 0.4)),
-        anchor_seed=int(run_config.get("anchor-seed", task.seed)), model=model)
+        anchor_seed=int(run_config.get("anchor-seed", task.seed)), model=model,
+        **strategy_options(run_config))
     evaluate_fn = central_evaluator(task)
     train_config = {"local-epochs": task.local_epochs, "lr": task.lr}
-    if name == "fedma":
-        hist = _run_fedma(grid, task, model, strategy, rounds, train_config, evaluate_fn,
-                          timeout, run_config)
+    from neuralign.federated import checkpoint
+    from neuralign.federated import rounds as loop
+
+    # FedMA's resume is refused by check_run_config (its passes keep per-client models)
+    resumed = checkpoint.read_checkpoint(ckpt_dir, run_config) \
+        if ckpt_dir and _flag(run_config, "resume") else None
+    if resumed is not None:
+        sd, hist = resumed
+        model.load_state_dict(sd)
+        hist.setdefault("resumed_at", []).append(int(hist["round"][-1]))
+        t0 -= float(hist.get("seconds", 0.0))
     else:
-        from neuralign.federated import checkpoint
-        from neuralign.federated import rounds as loop
+        ev0 = evaluate_fn(0, ArrayRecord(model.state_dict()))
+        hist = loop.new_history(ev0["accuracy"], ev0["loss"])
+    evaluates = getattr(strategy, "evaluates", None)
 
-        resumed = checkpoint.read_checkpoint(ckpt_dir, run_config) \
-            if ckpt_dir and _flag(run_config, "resume") else None
-        if resumed is not None:
-            sd, hist = resumed
-            model.load_state_dict(sd)
-            hist.setdefault("resumed_at", []).append(int(hist["round"][-1]))
-            t0 -= float(hist.get("seconds", 0.0))
-        else:
-            ev0 = evaluate_fn(0, ArrayRecord(model.state_dict()))
-            hist = loop.new_history(ev0["accuracy"], ev0["loss"])
+    def on_round(r, arrays, h):
+        if evaluates is not None and not evaluates(r):  # FedMA mid-pass: the matched layer
+            for hook in tuple(ROUND_HOOKS):
+                hook(r, strategy.round_report(r))
+        if ckpt_dir:
+            h["seconds"] = time.time() - t0
+            checkpoint.write_checkpoint(ckpt_dir, _model(task, arrays), h, run_config)
 
-        def on_round(r, arrays, h):
-            if ckpt_dir:
-                h["seconds"] = time.time() - t0
-                checkpoint.write_checkpoint(ckpt_dir, _model(task, arrays), h, run_config)
-
-        m = default_min_clients(task.num_partitions, fraction, min_clients)
-        hist["_final_arrays"] = loop.run_rounds(
-            strategy, grid, ArrayRecord(model.state_dict()), hist,
-            first_round=int(hist["round"][-1]) + 1, num_rounds=rounds, timeout=timeout,
-            node_timeout=node_timeout, seed=task.seed, fraction=fraction, min_clients=m,
-            min_replies=min_replies, train_config=train_config, evaluate_fn=evaluate_fn,
-            on_round=on_round)
+    m = default_min_clients(task.num_partitions, fraction, min_clients)
+    hist["_final_arrays"] = loop.run_rounds(
+        strategy, grid, ArrayRecord(model.state_dict()), hist,
+        first_round=int(hist["round"][-1]) + 1, num_rounds=rounds, timeout=timeout,
+        node_timeout=node_timeout, seed=task.seed, fraction=fraction, min_clients=m,
+        min_replies=min_replies, train_config=train_config, evaluate_fn=evaluate_fn,
+        on_round=on_round)
+    hist.update(getattr(strategy, "history_extras", dict)())  # FedMA: widths per round
     hist.update(strategy=name, rounds=rounds, seconds=time.time() - t0, finished=True,
                 task=task.to_run_config())
     accs = [a for a in hist["accuracy"][1:] if not math.isnan(a)]
     hist["final_accuracy"] = hist["accuracy"][-1]
     hist["best_accuracy"] = max(accs) if accs else float("nan")
-    ran = hist["round"][1:]
-    all_failed = bool(ran) and all(r in hist.get("skipped", []) for r in ran) \
-        and name != "fedma"
+    ran = sorted(int(k) for k in hist["participants"])
+    skipped = set(hist.get("skipped", []))
+    # every round skipped; or FedMA completed no pass (its mid-pass rounds are not skipped)
+    all_failed = bool(ran) and (all(r in skipped for r in ran) or len(hist["round"]) == 1)
     final = hist.pop("_final_arrays", None)
     save = str(run_config.get("save-model", ""))
     if save and final is not None and not all_failed:
@@ -174,26 +181,6 @@ def _model(task, arrays):
     from neuralign.federated.client import model_from_arrays
 
     return model_from_arrays(task, arrays)
-
-
-def _run_fedma(grid, task, model, strategy, rounds, train_config, evaluate_fn, timeout,
-               run_config) -> dict:
-    from flwr.app import ConfigRecord
-
-    from neuralign.errors import NeuralignError
-    from neuralign.federated.fedma import run_fedma
-
-    if _flag(run_config, "resume"):
-        raise NeuralignError("--resume is not supported for fedma (its passes keep per-client "
-                             "models between rounds); rerun it, or use --init")
-    strategy.threshold = float(run_config.get("fedma-threshold", strategy.threshold))
-    strategy.max_growth = float(run_config.get("fedma-max-growth", strategy.max_growth))
-    strategy.matcher = str(run_config.get("fedma-matcher", strategy.matcher))
-    if strategy.matcher not in ("merge", "own"):
-        raise NeuralignError("fedma-matcher must be 'merge' or 'own', got "
-                             f"{strategy.matcher!r}")
-    return run_fedma(grid, task, model, strategy, rounds, ConfigRecord(train_config),
-                     evaluate_fn, timeout)
 
 
 def make_server_app(run_config: dict | None = None):

@@ -92,6 +92,45 @@ def check_run_config(cfg) -> None:
     _need(not (_flag(cfg, "resume") and not str(cfg.get("checkpoint-dir", ""))),
           "resume (--resume) needs checkpoint-dir (--checkpoint-dir), where the run's "
           "checkpoints are")
+    _need(not (_flag(cfg, "resume") and strategy == "fedma"), "resume (--resume) is not "
+          "supported for fedma (its passes keep per-client models between rounds); rerun it "
+          "from the start")
+    _check_method_options(cfg, strategy)
+
+
+def _check_method_options(cfg, strategy: str) -> None:
+    """The anchor mask's and FedMA's keys (absent or empty: the strategy's default)."""
+    def given(key):
+        return str(cfg.get(key, "")) != ""
+
+    for key, choices in (("anchor-policy", ("fixed", "per-round")),
+                         ("anchor-granularity", ("weight", "neuron")),
+                         ("fedma-matcher", ("merge", "own"))):
+        v = str(cfg.get(key, ""))
+        _need(not given(key) or v in choices, f"{key} (--{key}) must be one of "
+              f"{', '.join(choices)}, got {v!r}")
+    if given("anchor-head-ratio"):
+        v = _num(cfg, "anchor-head-ratio", 0)
+        _need(0 <= v < 1, f"anchor-head-ratio (--anchor-head-ratio) must lie in [0, 1), got {v}")
+    if given("fedma-threshold"):
+        v = _num(cfg, "fedma-threshold", 1.0)
+        _need(v >= 0, f"fedma-threshold must be >= 0, got {v}")
+    if given("fedma-max-growth"):
+        v = _num(cfg, "fedma-max-growth", 1.5)
+        _need(v >= 1, f"fedma-max-growth must be >= 1, got {v}")
+    for key in ("fedma-independent-init", "fedma-class-weighting"):
+        v = cfg.get(key, "")
+        _need(isinstance(v, bool) or str(v).strip().lower() in
+              ("", "1", "true", "yes", "on", "0", "false", "no", "off"),
+              f"{key} must be true or false, got {v!r}")
+    anchor_keys = [k for k in ("anchor-policy", "anchor-granularity", "anchor-head-ratio")
+                   if given(k)]
+    _need(not anchor_keys or strategy in ("fedpfn", "fedpnu"), f"{', '.join(anchor_keys)} "
+          f"apply to fedpfn / fedpnu only, not {strategy}; leave them out (or empty)")
+    fedma_keys = [k for k in ("fedma-threshold", "fedma-max-growth", "fedma-matcher",
+                              "fedma-independent-init", "fedma-class-weighting") if given(k)]
+    _need(not fedma_keys or strategy == "fedma", f"{', '.join(fedma_keys)} apply to fedma "
+          f"only, not {strategy}; leave them out (or empty)")
 
 
 def _flag(cfg, key) -> bool:
