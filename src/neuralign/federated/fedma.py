@@ -31,6 +31,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from neuralign.errors import ArchitectureMismatchError
+from neuralign.models.resize import resize_layers
 
 
 def chain_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -46,30 +47,13 @@ def chain_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    setattr(parent, name.rsplit(".", 1)[-1], new)
-
-
 def resize_like(model: nn.Module, sd: dict) -> nn.Module:
     """Return ``model`` with every Conv2d / Linear resized to the shapes in ``sd`` (in place;
-    the values are to be loaded afterwards)."""
-    for name, m in list(model.named_modules()):
-        key = f"{name}.weight"
-        if key not in sd or not isinstance(m, (nn.Conv2d, nn.Linear)):
-            continue
-        shape = tuple(sd[key].shape)
-        if shape == tuple(m.weight.shape):
-            continue
-        if isinstance(m, nn.Linear):
-            new = nn.Linear(shape[1], shape[0], bias=m.bias is not None)
-        else:
-            if m.groups != 1:
-                raise ArchitectureMismatchError(f"cannot resize grouped convolution {name}")
-            new = nn.Conv2d(shape[1], shape[0], m.kernel_size, m.stride, m.padding, m.dilation,
-                            bias=m.bias is not None, padding_mode=m.padding_mode)
-        _replace(model, name, new)
-    return model
+    the values are to be loaded afterwards). The model's config records the new widths, so a
+    checkpoint of it reloads with ``neuralign.io.load_model``."""
+    shapes = {name: tuple(sd[f"{name}.weight"].shape) for name, m in model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) and f"{name}.weight" in sd}
+    return resize_layers(model, shapes)
 
 
 def match_layer(features: list[torch.Tensor], weights: list[float], *, threshold: float = 1.0,

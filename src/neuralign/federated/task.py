@@ -39,7 +39,7 @@ class FedTask:
     num_partitions: int = 10
     alpha: float = 0.1            # Dirichlet concentration of the label partition
     min_partition_size: int = 10
-    model: str = "lenet"          # "lenet" (federated/models.py) or any get_model name
+    model: str = "lenet"          # any get_model name ("lenet": neuralign.models.lenet)
     model_kwargs: str = "{}"      # JSON, passed to the model's constructor
     seed: int = 0                 # model initialisation, partition and client data order
     data_seed: int = 0            # the train/val/test split (never the model's seed)
@@ -124,10 +124,6 @@ class FedTask:
         torch.manual_seed(self.seed)
         c = shape[0]
         size = shape[-1]
-        if self.model == "lenet":
-            from neuralign.federated.models import LeNet
-
-            return LeNet(in_channels=c, num_classes=num_classes, image_size=size, **kwargs)
         return get_model(self.model, num_classes=num_classes, in_channels=c,
                          image_size=size, **kwargs)
 

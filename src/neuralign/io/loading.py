@@ -93,6 +93,10 @@ def load_model(path, *, arch: str | None = None, model_kwargs: dict | None = Non
         else:
             kwargs = {}
         model = _rebuild(name, kwargs)
+        if name == cfg.get("name") and cfg.get("layer_shapes"):  # e.g. widths FedMA grew
+            from neuralign.models.resize import resize_layers
+
+            resize_layers(model, cfg["layer_shapes"])
     try:
         load_into(model, sd, source=str(path))
     except ArchitectureMismatchError as exc:

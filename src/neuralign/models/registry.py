@@ -45,7 +45,14 @@ def _cnn(num_classes=10, in_channels=1, image_size=None, **kw):
     return SmallCNN(in_channels=in_channels, num_classes=num_classes, **kw)
 
 
+def _lenet(num_classes=10, in_channels=1, image_size=28, **kw):
+    from neuralign.models.lenet import LeNet
+
+    return LeNet(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kw)
+
+
 REFERENCE_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet": _lenet,
     "mlp": _mlp,
     "vgg11": _vgg("vgg11"),
     "vgg16": _vgg("vgg16"),
@@ -145,8 +152,9 @@ def rebuild_kwargs(name: str, kwargs: dict, version: int | None) -> dict:
 
 
 def model_config(model: nn.Module) -> dict | None:
-    """How ``model`` was built (``{"name", "kwargs"}``, and ``"version"`` for reference models),
-    or None if not built by ``get_model``."""
+    """How ``model`` was built (``{"name", "kwargs"}``, ``"version"`` for reference models and
+    ``"layer_shapes"`` for layers resized since, see :mod:`neuralign.models.resize`), or None if
+    not built by ``get_model``."""
     cfg = getattr(model, _CONFIG_ATTR, None)
     return copy.deepcopy(cfg) if cfg is not None else None
 
