@@ -71,7 +71,9 @@ def settings(smoke: bool = False) -> dict[str, dict]:
     """Name -> setting, in the order they are trained (cheapest first)."""
     if smoke:
         return {"mlp1-w16": _setting("mlp", {"width": 16, "depth": 1}, 14, 1, 0.05, "mlp_curve", 16),
-                "resnet20x1-bn": _setting("resnet20", {"width": 1, "norm": "bn"}, 14, 1, 0.05,
+                # one block per stage (a ResNet-8) keeps the smoke run to seconds
+                "resnet20x1-bn": _setting("resnet20", {"width": 1, "norm": "bn",
+                                                       "blocks_per_stage": 1}, 14, 1, 0.05,
                                           "resnet20-bn", 1)}
     out = {f"mlp1-w{w}": _setting("mlp", {"width": w, "depth": 1}, 28, 10, 0.05, "mlp_curve", w)
            for w in (16, 32, 64, 128, 256, 512, 1024)}
@@ -99,8 +101,8 @@ def data(image: int, smoke: bool = False):
     a 2x2 mean pool of the 28 px images (exact, no resampling choices)."""
     key = (image, smoke)
     if key not in _DATA:
-        s = load_fashion_mnist(val_size=0, subset=600 if smoke else None,
-                               test_subset=300 if smoke else None)
+        s = load_fashion_mnist(val_size=0, subset=300 if smoke else None,
+                               test_subset=100 if smoke else None)
         tr, te = s.train.tensors, s.test.tensors
         if image != 28:
             if 28 % image:
@@ -113,7 +115,7 @@ def data(image: int, smoke: bool = False):
 
 def fit_batches(train_ds, smoke: bool = False) -> list:
     """The fixed training batches used by activation matching, BN reset and REPAIR."""
-    n, bs = (1, 100) if smoke else (FIT_BATCHES, FIT_BATCH)
+    n, bs = (1, 50) if smoke else (FIT_BATCHES, FIT_BATCH)
     loader = make_loader(train_ds, bs, shuffle=True, seed=12345)
     return [b for _, b in zip(range(n), loader)]
 
@@ -379,7 +381,8 @@ def main(argv=None):
         if rows:
             results[name] = {"cfg": cfg, "models": [{k: v for k, v in r.items() if k != "state_dict"}
                                                   for r in recs], "rows": rows}
-            report.write(results, cache_dir(args), Path(args.out), args.smoke, git_revision())
+            if not args.smoke:  # partial results while a long run goes on
+                report.write(results, cache_dir(args), Path(args.out), args.smoke, git_revision())
     if results:
         report.write(results, cache_dir(args), Path(args.out), args.smoke, git_revision())
     log("done")
