@@ -159,6 +159,7 @@ def train_one(args, name: str, cfg: dict, seed: int, log) -> dict:
     rec = {"state_dict": model.state_dict(), "history": hist.epochs, "seconds": secs,
            "test": test, "setting": cfg, "seed": seed, "recipe": RECIPE,
            "params": sum(p.numel() for p in model.parameters()), "load": os.getloadavg()[0],
+           "revision": git_revision(),
            "threads": torch.get_num_threads()}
     atomic_write(path, lambda tmp: torch.save(rec, tmp))
     log(f"trained {name} seed {seed}: {secs:.0f} s, train loss {hist.final['train_loss']:.4f}, "
@@ -185,8 +186,8 @@ def git_revision() -> dict:
         try:
             return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True,
                                   check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
+        except (OSError, subprocess.CalledProcessError):  # an exported tree: say which
+            return os.environ.get("LMC_SCALE_REV", "unknown")
     return {"commit": git("rev-parse", "--short", "HEAD"), "src_tree": git("rev-parse",
             "--short", "HEAD:src"), "src_dirty": bool(git("status", "--porcelain", "src"))}
 
