@@ -17,7 +17,9 @@ from neuralign.io import atomic_write
 
 STEM = "lmc_scale"
 GROUP_TITLES = {"resnet20-bn": "ResNet-20, BatchNorm", "resnet20-ln": "ResNet-20, LayerNorm",
-                "mlp_curve": "MLP, 1 hidden layer (Entezari et al.)"}
+                "mlp_curve": "MLP, 1 hidden layer (Entezari et al.), 10 epochs",
+                "mlp_curve_e40": "MLP, 1 hidden layer (Entezari et al.), 40 epochs"}
+CURVE_GROUPS = ("mlp_curve", "mlp_curve_e40")
 FIX_STYLE = {"plain": "-", "bn_reset": "--", "repair": ":"}
 ALIGN_COLOR = {"naive": "tab:gray", "wm": "tab:blue", "am": "tab:orange"}
 ALIGN_NAME = {"naive": "naive", "wm": "weight matching", "am": "activation matching"}
@@ -53,6 +55,20 @@ def mid(rows, method, kind) -> list[float]:
 
 
 # --- sections -------------------------------------------------------------------------------
+def pilot_epochs_lines(cache: Path) -> list[str]:
+    p = cache / "pilot_epochs.json"
+    if not p.exists():
+        return []
+    runs = sorted(json.loads(p.read_text()).values(), key=lambda r: (r["setting"], r["epochs"]))
+    lines = [("Convergence pilot (seed 0, one full cosine schedule per length; training loss at "
+             "the end, test accuracy):"), "", ("| setting | epochs | final train loss | train acc "
+             "| test acc | minutes |"), "|---|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['epochs']} | {r['train_loss']:.4f} | "
+              f"{r['train_accuracy'] * 100:.1f} % | {r['test']['accuracy'] * 100:.2f} % | "
+              f"{r['seconds'] / 60:.1f} |" for r in runs]
+    return [*lines, ""]
+
+
 def training_section(results) -> list[str]:
     lines = ["## Trained end points", "",
              ("| setting | parameters | image | epochs | lr | train loss, last 3 epochs "
@@ -186,14 +202,15 @@ def write(results, cache: Path, out: Path, smoke: bool, rev: dict) -> None:
              "interpolated between the end points). End points are the trained models as "
              "they are.", ""]
     lines += training_section(results)
+    lines += pilot_epochs_lines(cache)
     lines += ["## Barriers", ""]
     for name, r in results.items():
-        if r["cfg"]["group"] != "mlp_curve":
+        if r["cfg"]["group"] not in CURVE_GROUPS:
             lines += barrier_section(name, r)
-    for g in ("resnet20-bn", "resnet20-ln", "mlp_curve"):
+    for g in GROUP_TITLES:
         lines += width_table(results, g)
-    if any(r["cfg"]["group"] == "mlp_curve" for r in results.values()):
-        lines += [f"![MLP interpolation curves]({STEM}_curves_mlp_curve.png)", ""]
+        if g in CURVE_GROUPS and any(r["cfg"]["group"] == g for r in results.values()):
+            lines += [f"![MLP interpolation curves]({STEM}_curves_{g}.png)", ""]
     lines += [f"![barrier vs width]({STEM}_width.png)", ""]
     lines += verdicts(results)
     lines += throughput_section(cache)
@@ -250,7 +267,8 @@ def verdicts(results) -> list[str]:
              "models, so this is a loose test)."), "", "**Barrier shrinks with width.**"]
     for g, ms in (("resnet20-bn", ("naive/bn_reset", "wm/bn_reset", "wm/repair", "am/repair")),
                   ("resnet20-ln", ("naive/plain", "wm/plain", "wm/repair", "am/repair")),
-                  ("mlp_curve", ("naive/plain", "wm/plain", "am/plain"))):
+                  ("mlp_curve", ("naive/plain", "wm/plain", "am/plain")),
+                  ("mlp_curve_e40", ("naive/plain", "wm/plain", "am/plain"))):
         lines += [v for m in ms if (v := _width_verdict(results, g, m))]
     lines += ["", ("**REPAIR ≥ BN reset ≥ plain on BN nets** (loss barrier; paired over seed "
               "pairs).")]
@@ -270,9 +288,18 @@ def verdicts(results) -> list[str]:
                 f"{'' if holds or d2 <= 0 else ' (REPAIR worse than a BN reset)'}.")
     lines += ["", ("**Matching removes most of the barrier on nets without batch norm** (share "
               "of the naive loss barrier removed).")]
+    for g in CURVE_GROUPS:
+        items = sorted([(r["cfg"]["width"], r["rows"]) for r in results.values()
+                        if r["cfg"]["group"] == g], key=lambda x: x[0])
+        if items:
+            share = [(w, 1 - mse(values(rows, "wm/plain", "loss_entezari"))[0]
+                      / max(mse(values(rows, "naive/plain", "loss_entezari"))[0], 1e-9))
+                     for w, rows in items]
+            lines.append(f"- {GROUP_TITLES[g]}: weight matching removes "
+                         + ", ".join(f"{v * 100:.0f} % (width {w})" for w, v in share) + ".")
     for name, r in results.items():
         rows = r["rows"]
-        if "wm/bn_reset" in rows[0]["curves"]:
+        if "wm/bn_reset" in rows[0]["curves"] or r["cfg"]["group"] in CURVE_GROUPS:
             continue
         naive = mse(values(rows, "naive/plain", "loss_entezari"))[0]
         parts = []
@@ -305,6 +332,32 @@ def _curve_axes(ax, rows, kind, legend):
         ax.legend(fontsize=7)
 
 
+def _curve_grid(plt, results, group, out: Path) -> None:
+    curve = sorted([(r["cfg"]["width"], r) for r in results.values()
+                    if r["cfg"]["group"] == group], key=lambda x: x[0])
+    if not curve:
+        return
+    cols = 4
+    nrow = -(-(len(curve) + 1) // cols)  # one spare panel for the legend
+    fig, axes = plt.subplots(nrow, cols, figsize=(3.4 * cols, 2.9 * nrow), squeeze=False,
+                             sharey=True)
+    flat = axes.ravel()
+    for ax, (w, r) in zip(flat, curve):
+        _curve_axes(ax, r["rows"], "accuracy", False)
+        ax.set_title(f"{w} hidden units", fontsize=10)
+        ax.set_xlabel("t")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%)")
+    handles, labels = flat[0].get_legend_handles_labels()
+    for ax in flat[len(curve):]:
+        ax.axis("off")
+    flat[len(curve)].legend(handles, labels, loc="center", fontsize=9)
+    fig.suptitle(f"{GROUP_TITLES[group]}: linear interpolation, mean ± SE over seed pairs")
+    fig.tight_layout()
+    fig.savefig(out / f"{STEM}_curves_{group}.png", dpi=100)
+    plt.close(fig)
+
+
 def plots(results, out: Path) -> None:
     import matplotlib
 
@@ -312,7 +365,7 @@ def plots(results, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     for name, r in results.items():
-        if r["cfg"]["group"] == "mlp_curve":
+        if r["cfg"]["group"] in CURVE_GROUPS:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         _curve_axes(axes[0], r["rows"], "loss", True)
@@ -323,18 +376,8 @@ def plots(results, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"{STEM}_curves_{name}.png", dpi=100)
         plt.close(fig)
-    curve = sorted([(r["cfg"]["width"], r) for r in results.values()
-                    if r["cfg"]["group"] == "mlp_curve"], key=lambda x: x[0])
-    if curve:
-        fig, axes = plt.subplots(1, len(curve), figsize=(2.6 * len(curve) + 1, 3.2),
-                                 squeeze=False, sharey=True)
-        for ax, (w, r) in zip(axes[0], curve):
-            _curve_axes(ax, r["rows"], "accuracy", ax is axes[0][0])
-            ax.set_title(f"width {w}")
-        axes[0][0].set_ylabel("test accuracy (%)")
-        fig.tight_layout()
-        fig.savefig(out / f"{STEM}_curves_mlp_curve.png", dpi=100)
-        plt.close(fig)
+    for g in CURVE_GROUPS:
+        _curve_grid(plt, results, g, out)
     groups = [g for g in GROUP_TITLES if any(r["cfg"]["group"] == g for r in results.values())]
     if not groups:
         return

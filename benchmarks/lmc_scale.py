@@ -85,6 +85,12 @@ def settings(smoke: bool = False) -> dict[str, dict]:
     for w in (2, 4, 8):
         out[f"resnet20x{w}-bn"] = _setting("resnet20", {"width": w, "norm": "bn"}, 14, 8, 0.05,
                                            "resnet20-bn", w)
+    # the same MLPs trained 4x longer (the convergence pilot: their training loss keeps
+    # falling after 10 epochs); the barrier's dependence on training length, side by side
+    for w in (16, 32, 64, 128, 256, 512, 1024):
+        out[f"mlp1-w{w}-e40"] = _setting("mlp", {"width": w, "depth": 1}, 28, 40, 0.05,
+                                         "mlp_curve_e40", w)
+    out["mlp3x512-e40"] = _setting("mlp", {"width": 512, "depth": 3}, 28, 40, 0.05, "mlp", 512)
     for w in (1, 2, 4, 8):
         out[f"resnet20x{w}-ln"] = _setting("resnet20", {"width": w, "norm": "ln"}, 14, 8, 0.05,
                                            "resnet20-ln", w)
@@ -334,6 +340,26 @@ def pilot(args, log) -> dict:
     return out
 
 
+def pilot_epochs(args, spec: str, log) -> None:
+    """``SETTING:E1,E2,..``: train seed 0 of SETTING for each number of epochs (each a full
+    cosine schedule) and record the final training loss and test accuracy, to see where
+    longer training stops paying. Cached per run in ``pilot_epochs.json``."""
+    name, _, eps = spec.partition(":")
+    cfg0 = settings(args.smoke)[name]
+    path = cache_dir(args) / "pilot_epochs.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    for e in [int(x) for x in eps.split(",")]:
+        key = f"{name}:{e}"
+        if key in done:
+            continue
+        cfg = dict(cfg0, epochs=e)
+        rec = train_one(args, f"pilot-{name}-e{e}", cfg, 0, log)
+        done[key] = {"setting": name, "epochs": e, "train_loss": rec["history"][-1]["train_loss"],
+                     "train_accuracy": rec["history"][-1]["train_accuracy"],
+                     "test": rec["test"], "seconds": rec["seconds"]}
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(done, indent=1)))
+
+
 # --- driver ---------------------------------------------------------------------------------
 def main(argv=None):
     import _lmc_scale_report as report
@@ -349,6 +375,8 @@ def main(argv=None):
                     help="re-measure cached rows made by another revision of src/")
     ap.add_argument("--throughput", action="store_true")
     ap.add_argument("--pilot", action="store_true", help="time training steps at 28/20/14 px")
+    ap.add_argument("--pilot-epochs", default="", metavar="SETTING:E1,E2,..",
+                    help="train seed 0 of SETTING for each number of epochs (convergence pilot)")
     ap.add_argument("--cache", default="", help="cache folder (default ~/.cache/neuralign/"
                     "lmc_scale)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
@@ -366,6 +394,9 @@ def main(argv=None):
 
     if args.pilot:
         pilot(args, log)
+    if args.pilot_epochs:
+        pilot_epochs(args, args.pilot_epochs, log)
+        return {}
     if args.throughput:
         throughput(args, log, repeats=2 if args.smoke else 5)
     results = {}
