@@ -290,7 +290,9 @@ def throughput(args, log, repeats: int = 5) -> dict:
     the merged model) against plain forward passes of the same models over the same batches;
     one ratio per repeat, the order alternated between repeats."""
     cfg = settings(args.smoke)["resnet20x1-bn"]
-    recs = cached_models(args, "resnet20x1-bn", cfg)
+    paths = [model_path(args, "resnet20x1-bn", cfg, s) for s in SEEDS[:2]]
+    recs = [torch.load(p, weights_only=False) for p in paths] if all(
+        p.exists() for p in paths) else None
     a, b = ((load(recs[0], cfg), load(recs[1], cfg)) if recs else
             (build(cfg, 0).eval(), build(cfg, 1).eval()))
     train_ds, _ = data(cfg["image"], args.smoke)
