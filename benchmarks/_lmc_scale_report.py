@@ -147,7 +147,7 @@ def throughput_section(cache: Path) -> list[str]:
             f"{t['batches']} training batches ({t['images']} images) for every pass, "
             f"{t['threads']} thread(s), {t['repeats']} repeats (order alternated), revision "
             f"{t['revision']['commit']}. Ratios are per repeat, mean ± SE."), "",
-            ("| pass | seconds | images/s (per model) | plain forward of the same models (s) | "
+            ("| pass | seconds | images × models per second | plain forward of the same models (s) | "
             "ratio |"), "|---|---|---|---|---|",
             (f"| matching statistics (A and B) | {fmt(t['stats'], 1, 3)} | {ips('stats', 2):.0f} "
             f"| {fmt(t['plain2'], 1, 3)} | {fmt(r1, 1, 2)} |"),
