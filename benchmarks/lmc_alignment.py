@@ -103,7 +103,8 @@ def run_arch(name, cfg, log):
             elif method.startswith("act"):
                 perm = activation_matching(a, b, act_loader, method=method[4:], spec=spec)
             else:
-                perm = ste_matching(spec, a, b, train_loader(5), lr=1e-3, seed=i, **cfg["ste"])
+                perm = ste_matching(spec, a, b, train_loader(5), lr=1e-3, optimizer="adam",
+                                    seed=i, **cfg["ste"])
             secs = time.time() - t0
             bb = apply_permutation(b, perm, spec)
             curve = _curve(a, bb, test_loader, bn_loader, ts, cfg["bn_batches"], ends)

@@ -167,7 +167,8 @@ def passes(name, a, b, x, y, repeats):
                                          2, len(x)),
         "REPAIR": (lambda: repair(a, b, copy.deepcopy(a), loader), 3, len(x)),
         "BN reset": (lambda: reset_bn(a, loader), 1, len(x)) if has_bn else None,
-        "Fisher (diagonal)": (lambda: fisher_diagonal(a, loader, n_examples=nf), 1, nf),
+        "Fisher (diagonal)": (lambda: fisher_diagonal(a, loader, n_examples=nf, labels="empirical"),
+                              1, nf),
         "CKA (layer x layer)": (lambda: layer_cka(a, b, loader, n_examples=nc), 2, nc),
     }
     if activation_statistics is None:  # an older tree (--before)

@@ -40,14 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from protocol import (
-    _atomic_write_bytes,
-    cache_root,
-    compare,
-    config_key,
-    paired_differences,
-    verdict,
-)
+from _task_vectors_report import write_report
+from protocol import _atomic_write_bytes, cache_root, config_key
 
 from neuralign.data.wordnet import load_wordnet_task
 from neuralign.errors import NeuralignError
@@ -63,6 +57,7 @@ CFG = {
     "ta_scales": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0], "ties_density": 0.2,
     "ties_scales": [0.2, 0.4, 0.6, 1.0, 1.4], "dare_density": 0.3,
     "dare_scales": [0.1, 0.15, 0.2, 0.3, 0.5], "version": 1,
+    "merge_version": 2,  # 2: expected Fisher (Matena & Raffel), normalised; results only
 }
 # what the fine-tuned weights depend on: their cache is keyed by these alone
 TRAIN_KEYS = ("tasks", "n_train", "max_len", "batch", "epochs", "lr", "weight_decay", "warmup",
@@ -167,23 +162,31 @@ def finetune(encoder: nn.Module, heads: dict[str, nn.Linear], tasks: dict, names
 
 
 def fisher(encoder: nn.Module, head: nn.Linear, ids: torch.Tensor, y: torch.Tensor
-           ) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of the encoder's parameters, one example at a time (no padding);
-    neuralign's vmap-based ``fisher_diagonal`` cannot trace Hugging Face's attention masks."""
+           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Diagonal Fishers of the encoder's parameters, one example at a time (no padding):
+    ``(expected, empirical)``. Expected: ``sum_c p(c|x) (d log p(c|x))^2``, the exact expectation
+    under the model's own predictions (Matena & Raffel); empirical: the true label's term. One
+    forward and one backward per class and example; neuralign's vmap-based ``fisher_diagonal``
+    cannot trace Hugging Face's attention masks."""
     encoder.eval()
-    params = dict(encoder.named_parameters())
-    acc_ = {k: torch.zeros_like(p) for k, p in params.items()}
+    params = {k: p for k, p in encoder.named_parameters() if p.requires_grad}
+    exp_ = {k: torch.zeros_like(p) for k, p in params.items()}
+    emp_ = {k: torch.zeros_like(p) for k, p in params.items()}
     n = min(CFG["fisher_n"], len(y))
     for i in range(n):
         x = ids[i:i + 1]
         x = x[:, :int((x != 0).sum())]
-        encoder.zero_grad()
-        F.cross_entropy(head(pooled(encoder, x)), y[i:i + 1]).backward()
-        for k, p in params.items():
-            if p.grad is not None:
-                acc_[k] += p.grad.detach() ** 2
-    encoder.zero_grad()
-    return {k: v / n for k, v in acc_.items()}
+        logp = F.log_softmax(head(pooled(encoder, x)), dim=-1)[0]
+        prob = logp.detach().exp()
+        for c in range(logp.numel()):
+            grads = torch.autograd.grad(logp[c], list(params.values()), retain_graph=True,
+                                        allow_unused=True)
+            for (k, _), g in zip(params.items(), grads):
+                if g is not None:
+                    exp_[k].add_(g.square(), alpha=float(prob[c]))
+                    if c == int(y[i]):
+                        emp_[k].add_(g.square())
+    return ({k: v / n for k, v in exp_.items()}, {k: v / n for k, v in emp_.items()})
 
 
 # ----------------------------------------------------------------------------- caching
@@ -252,14 +255,16 @@ def run_seed(seed: int, base_sd: dict, encoder: nn.Module, tasks: dict, pre_z: d
             log(f"  seed {seed} {tag}: trained in {res['time'][tag]:.0f}s")
         return {k: v.clone() for k, v in encoder.state_dict().items()}, heads
 
-    fts, heads, fishers = [], {}, []
+    fts, heads, fishers, emp_fishers = [], {}, [], []
     for t in names:
         sd, h = trained(t, [t])
         fts.append(sd)
         heads[t] = h[t]
         ts = time.time()
         ids, y = tasks[t]["splits"]["train"]
-        fishers.append(fisher(encoder, heads[t], ids, y))
+        expected, empirical = fisher(encoder, heads[t], ids, y)
+        fishers.append(expected)
+        emp_fishers.append(empirical)
         res["time"].setdefault("fisher", 0.0)
         res["time"]["fisher"] += time.time() - ts
     mt_sd, mt_heads = trained("multitask", names)
@@ -295,186 +300,15 @@ def run_seed(seed: int, base_sd: dict, encoder: nn.Module, tasks: dict, pre_z: d
     select(f"DARE + task arithmetic (density {CFG['dare_density']:g})",
            lambda s: dare_merge(base_sd, fts, density=CFG["dare_density"], scale=s, seed=seed),
            CFG["dare_scales"])
-    res["test"]["Fisher merge"] = evaluate(fisher_merge(fts, fishers), "test")
+    # every task model floored alike (favor_target=False): no task is the "target" here
+    res["test"]["Fisher merge"] = evaluate(fisher_merge(fts, fishers, favor_target=False), "test")
+    res["test"]["Fisher merge (empirical Fisher, unnormalised)"] = evaluate(
+        fisher_merge(fts, emp_fishers, normalize=False, favor_target=False), "test")
     res["test"]["uniform soup"] = evaluate(task_arithmetic(base_sd, fts, scale=1 / len(fts)),
                                            "test")
     res["time"]["evaluation"] = time.time() - ts
     res["time"]["seed total"] = time.time() - t0
     return res
-
-
-# ----------------------------------------------------------------------------- report
-def _base_label(m: str) -> str:
-    return m.split(" (scale")[0]
-
-
-def write_report(results: dict, info: dict) -> None:
-    names = CFG["tasks"]
-    seeds = sorted(int(s) for s in results)
-    methods = list(dict.fromkeys(_base_label(m) for s in seeds for m in results[str(s)]["test"]))
-
-    def per_seed(method, task=None):   # seed -> accuracy (task or mean over tasks)
-        out = {}
-        for s in seeds:
-            rows = {_base_label(m): v for m, v in results[str(s)]["test"].items()}
-            if method in rows:
-                v = rows[method]
-                out[s] = v[task] if task else float(np.mean([v[t] for t in names]))
-        return out
-
-    def scales(method):
-        got = [m.split("(scale ")[1].rstrip(")") for s in seeds for m in results[str(s)]["test"]
-               if _base_label(m) == method and "(scale" in m]
-        return ", ".join(got) if got else "–"
-
-    def ms(d):
-        v = np.array(list(d.values())) * 100
-        return f"{v.mean():.1f} ± {v.std(ddof=1) / np.sqrt(len(v)):.1f}" if len(v) > 1 else \
-            f"{v.mean():.1f}"
-
-    ind = "individual fine-tune"
-    partial = len(seeds) < len(SEEDS)
-    L = ["# Task vectors on a real pre-trained encoder (all-MiniLM-L6-v2, WordNet glosses)", ""]
-    if partial:
-        L += [(f"**PARTIAL: {len(seeds)} of {len(SEEDS)} seeds finished ({seeds}); rerun "
-               "`python benchmarks/task_vectors.py` to resume from the cache.**"), ""]
-    L += ["Generated by `python benchmarks/task_vectors.py` (issue 16). all-MiniLM-L6-v2 "
-          f"(22.7M parameters) fine-tuned, every parameter, on {len(names)} WordNet 3.0 "
-          "gloss-classification tasks (definitions only); each task has its own linear head "
-          "(initialised from a linear probe on the frozen pre-trained features) on the mean-pooled "
-          "token states. Task vectors = fine-tuned encoder − pre-trained encoder; every merge is "
-          "evaluated with each task's own fine-tuned head on the merged encoder. Merge scales "
-          "picked on validation (mean accuracy over tasks). Seeds: " + ", ".join(map(str, seeds))
-          + " (head init, data order, dropout; data split fixed by data seed "
-          f"{CFG['data_seed']}).", "",
-          "| task | classes | train | val | test |", "|---|---|---|---|---|"]
-    for t in names:
-        i = info["tasks"][t]
-        L.append(f"| {t} | {i['classes']} | {i['sizes']['train']} | {i['sizes']['val']} | "
-                 f"{i['sizes']['test']} |")
-    L += ["", "## Test accuracy (%), mean ± SE over seeds", "",
-          "| method | " + " | ".join(names) + " | mean | normalised | scale(s) picked |",
-          "|---" * (len(names) + 4) + "|"]
-    for m in methods:
-        cells = [ms(per_seed(m, t)) for t in names]
-        norm = {s: float(np.mean([per_seed(m, t)[s] / per_seed(ind, t)[s]
-                                  if per_seed(ind, t)[s] > 0 else np.nan for t in names]))
-                for s in per_seed(m)}
-        L.append(f"| {m} | " + " | ".join(cells) + f" | {ms(per_seed(m))} | {ms(norm)} | "
-                 f"{scales(m)} |")
-    L += ["", ("*normalised*: accuracy divided by the individual fine-tune's on the same task "
-               "and seed, averaged over tasks (100 = as good as the four separate models)."), ""]
-    ref = "task arithmetic"
-    L += ["## Paired differences of the mean accuracy (percentage points, ± SE over seeds)", "",
-          f"| method | vs {ref} | vs {ind} | vs linear probe |", "|---|---|---|---|"]
-    pm = {m: per_seed(m) for m in methods}
-    pd = {b: paired_differences(pm, b) for b in (ref, ind, "linear probe (pre-trained encoder)")}
-
-    def cell(p):
-        return "–" if p.n == 0 else (f"{100 * p.mean:+.1f} ± {100 * p.se:.1f}" if p.n > 1
-                                     else f"{100 * p.mean:+.1f}")
-    for m in methods:
-        L.append(f"| {m} | " + " | ".join(cell(pd[b][m]) for b in pd) + " |")
-    L += ["", "## Validation accuracy (%, mean over tasks and seeds) against the merge scale", ""]
-    for label in results[str(seeds[0])]["val_curves"]:
-        curve = {}
-        for s in seeds:
-            for sc, v in results[str(s)]["val_curves"][label].items():
-                curve.setdefault(sc, []).append(np.mean(list(v.values())))
-        L.append(f"- {label}: " + ", ".join(f"{sc}: {100 * np.mean(v):.1f}"
-                                             for sc, v in curve.items()))
-    L += ["", "## What the numbers say (computed; verdict: difference beyond 2 SE)", ""]
-    lp, iv = pm["linear probe (pre-trained encoder)"], pm[ind]
-    merges = [m for m in methods if m not in (ind, "linear probe (pre-trained encoder)",
-                                              "multi-task (joint training)",
-                                              "pre-trained encoder + fine-tuned heads")]
-    for m in merges:
-        v = pm[m]
-        k = sum(lp[s] <= v[s] <= iv[s] for s in v)
-        L.append(f"- {m}: between the linear probe and the individual fine-tunes in {k} of "
-                 f"{len(v)} seeds; vs individual {cell(pd[ind][m])}, vs probe "
-                 f"{cell(pd['linear probe (pre-trained encoder)'][m])} "
-                 f"(above the probe: {verdict(pd['linear probe (pre-trained encoder)'][m])}).")
-    for m in merges:
-        if m != ref:
-            L.append(f"- {m} − {ref}: {cell(pd[ref][m])} ({verdict(pd[ref][m])}).")
-    mt = "multi-task (joint training)"
-    if mt in pm:
-        best = max(merges, key=lambda m: np.mean(list(pm[m].values())))
-        L.append(f"- {mt} − {ind}: {cell(pd[ind][mt])} ({verdict(pd[ind][mt])}); "
-                 f"{mt} − {best} (best merge): {cell(compare(pm, mt, best))} "
-                 f"({verdict(compare(pm, mt, best))}).")
-    ph = "pre-trained encoder + fine-tuned heads"
-    if ph in pm:
-        same = all(results[str(s)]["test"][ph] == results[str(s)]["test"][
-            "linear probe (pre-trained encoder)"] for s in seeds)
-        L.append(f"- {ph}: {'identical to' if same else 'not identical to'} the linear probe on "
-                 f"every task{' and seed' if same else ''} (vs probe "
-                 f"{cell(pd['linear probe (pre-trained encoder)'][ph])})"
-                 + (": the fine-tunes' gain over the probe is carried by the encoder." if same
-                    else "."))
-    tm, nft = {}, 0
-    for s in seeds:
-        for k, v in results[str(s)]["time"].items():
-            key = "fine-tuning" if k in names + ["multitask"] else (
-                "merging + evaluation" if k == "evaluation" else k)
-            nft += key == "fine-tuning"
-            if key != "seed total":
-                tm[key] = tm.get(key, 0.0) + v
-    tm = {"pre-trained features": info["time"]["pre-trained features"], **tm,
-          "this invocation (cached parts not re-run)": info["time"]["this invocation"]}
-    L += ["", "## Compute", "",
-          f"CPU only, {info['threads']} torch thread(s), niced (`nice -n 19`) on a 2-core machine "
-          f"shared with other jobs (load average at the start {info['load']}). Per seed: 4 "
-          f"individual fine-tunes of {info['steps_single']} steps (batch {CFG['batch']}, "
-          f"{CFG['epochs']} epoch of {CFG['n_train']} glosses, max {CFG['max_len']} tokens, AdamW "
-          f"lr {CFG['lr']:g}, {int(CFG['warmup'] * 100)}% warm-up then linear decay) and one "
-          f"multi-task run of {info['steps_multi']} steps (batch {CFG['batch']} = "
-          f"{CFG['batch'] // len(names)} per task); Fisher from {CFG['fisher_n']} training "
-          f"examples per task, one at a time. Wall time, summed over the {len(seeds)} seeds "
-          f"({nft} of {len(seeds) * (len(names) + 1)} fine-tunes timed when trained): "
-          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in tm.items())
-          + f"; peak RSS {info['rss_gb']:.1f} GB. Fine-tuned weights are cached under "
-          "`~/.cache/neuralign/task_vectors/` (not committed).", ""]
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "task_vectors.md").write_text("\n".join(L))
-    (OUT / "task_vectors.json").write_text(json.dumps({"config": CFG, "info": info,
-                                                       "results": results}, indent=1))
-    plot(results, methods, per_seed, seeds)
-
-
-def plot(results, methods, per_seed, seeds) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = CFG["tasks"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [2, 1]})
-    probe_row = "linear probe (pre-trained encoder)"
-    shown = [m for m in methods if m != probe_row]
-    w = 0.8 / len(shown)
-    for i, m in enumerate(shown):
-        vals = [100 * np.mean([per_seed(m, t)[s] - per_seed(probe_row, t)[s] for s in seeds])
-                for t in names]
-        a.bar(np.arange(len(names)) + i * w, vals, w, label=m)
-    a.axhline(0, color="k", lw=0.8)
-    a.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names)
-    a.set_ylabel("test accuracy − linear probe's (points)")
-    a.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
-    a.set_title(f"gain over the linear probe, own head on each encoder (mean of {len(seeds)} "
-                "seeds)")
-    for label in results[str(seeds[0])]["val_curves"]:
-        xs = list(results[str(seeds[0])]["val_curves"][label])
-        ys = [100 * np.mean([np.mean(list(results[str(s)]["val_curves"][label][x].values()))
-                             for s in seeds]) for x in xs]
-        b.plot([float(x) for x in xs], ys, "o-", label=label)
-    b.set_xlabel("scale λ")
-    b.set_ylabel("validation accuracy, mean over tasks (%)")
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(OUT / "task_vectors.png", dpi=110)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -527,7 +361,7 @@ def main() -> None:
             _atomic_write_bytes(f, lambda p, r=results[str(seed)]: p.write_text(json.dumps(r)))
         info["time"] = dict(times, **{"this invocation": time.time() - t_start})
         info["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        write_report(results, info)
+        write_report(results, info, CFG, OUT, SEEDS)
         log(f"seed {seed} done; report written")
 
 

@@ -178,7 +178,11 @@ def test_fedma_round_with_a_crashing_client_completes():
 
 
 def test_round_with_too_few_results_is_skipped_and_reported():
-    h = run_federated(TASK, "fedpfn", rounds=1, fail_partitions="0,1", min_replies=2)
-    assert h["participants"] == {"1": 1}
+    from neuralign.federated.server import LAST_RESULT
+
+    with pytest.raises(NeuralignError, match="every round failed"):  # the only round: exit != 0
+        run_federated(TASK, "fedpfn", rounds=1, fail_partitions="0,1", min_replies=2)
+    h = LAST_RESULT
+    assert h["participants"] == {"1": 1} and not h["finished"]
     assert any("round skipped" in n for n in h["failures"]["1"])
     assert h["accuracy"][1] == h["accuracy"][0]  # the global model was kept

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from neuralign.errors import NeuralignError
-from neuralign.models import (block_names, get_head_name, get_model, model_config,
-                              replace_head)
+from neuralign.models import block_names, get_head_name, get_model, model_config, replace_head
 from neuralign.train import evaluate, train
 
 REFERENCE = [
@@ -43,7 +42,8 @@ def test_resnet20_width_multiplier():
 def test_model_config_records_how_to_rebuild():
     m = get_model("resnet20", width=2, norm="ln", num_classes=7)
     assert model_config(m) == {"name": "resnet20",
-                               "kwargs": {"width": 2, "norm": "ln", "num_classes": 7}}
+                               "kwargs": {"width": 2, "norm": "ln", "num_classes": 7},
+                               "version": 2}
 
 
 def test_unknown_model_and_bad_arguments():

@@ -91,7 +91,9 @@ def register(app: typer.Typer) -> None:
         image_size: int = IMAGE_SIZE_OPT,
         test_domain: str = TEST_DOMAIN_OPT,
         input_shape: str = INPUT_SHAPE_OPT,
-        batches: int = typer.Option(20, help="batches of data for activation / STE matching"),
+        batches: int = typer.Option(20, help="batches of data for activation matching; for STE "
+                                    "the number of steps (Git Re-Basin's SGD, lr 1e-2; the "
+                                    "best permutation seen is kept)"),
         batch_size: int = typer.Option(_flow.EVAL_BATCH_SIZE),
         restarts: int = typer.Option(0, help="weight matching: extra random restarts"),
         max_iter: int = typer.Option(100, help="weight matching: most sweeps"),

@@ -45,6 +45,24 @@ def register(app: typer.Typer) -> None:
         fraction: float = typer.Option(1.0, help="fraction of clients sampled per round"),
         min_clients: int = typer.Option(0, help="minimum clients per round (0: fraction*clients)"),
         min_replies: int = typer.Option(1, help="minimum results a round needs (else skipped)"),
+        round_timeout: float = typer.Option(600.0, help="seconds a round waits for a client's "
+                                            "reply; later replies are dropped (in process: "
+                                            "each client's budget)"),
+        node_timeout: float = typer.Option(120.0, help="seconds a round waits for "
+                                           "--min-clients nodes to be online before it samples "
+                                           "those that are (deployments)"),
+        checkpoint_dir: str = typer.Option("", "--checkpoint-dir", help="write the global model "
+                                           "and history here after every round"),
+        resume: bool = typer.Option(False, "--resume", help="continue from the last round "
+                                    "checkpointed in --checkpoint-dir (same settings)"),
+        init: str = typer.Option("", "--init", help="start from this checkpoint of the task's "
+                                 "model (.safetensors)"),
+        client_data: str = typer.Option("partition", "--client-data", help="partition: each "
+                                        "client a Dirichlet partition of --data; node: each "
+                                        "SuperNode its own file (data-path in its node config)"),
+        write_node_data: str = typer.Option("", "--write-node-data", help="instead of running, "
+                                            "write each client's partition as node-<i>.npz "
+                                            "into this directory"),
         proximal_mu: float = typer.Option(0.01, help="FedProx proximal weight"),
         anchor_ratio: float = typer.Option(0.4, help="FedPFN / FedPNU mask ratio rho"),
         engine: str = typer.Option("inprocess", help="inprocess (no Ray) or simulation (Flower's "
@@ -76,48 +94,88 @@ def register(app: typer.Typer) -> None:
         check_range(alpha, "--alpha", lo=0, lo_open=True)
         check_range(lr, "--lr", lo=0, lo_open=True)
         check_range(fraction, "--fraction", lo=0, hi=1, lo_open=True)
-        check_range(anchor_ratio, "--anchor-ratio", lo=0, hi=1)
+        check_range(anchor_ratio, "--anchor-ratio", lo=0, hi=1, hi_open=True)
+        check_range(round_timeout, "--round-timeout", lo=0, lo_open=True)
+        check_range(node_timeout, "--node-timeout", lo=0)
+        client_data = check_choice(client_data, ("partition", "node"), "--client-data")
         if min_clients > clients:
             fail(f"--min-clients {min_clients} is more than --clients {clients}")
+        if resume and not checkpoint_dir:
+            fail("--resume needs --checkpoint-dir (where the run's checkpoints are)")
+        if client_data == "node" and not write_app:
+            fail("--client-data node is for deployments (each SuperNode reads its own file); "
+                 "use it with --write-app")
         check_device(device)
         if device and device != "cpu":
             fail("federate runs its clients on the CPU; --device cpu only")
         model_kwargs = parse_options(model_option, flag="-m/--model-option")
-        check_outputs([Output("--out", out, "json"), Output("--save-model", save_model, "model", "federate"),
-                       Output("--write-app", write_app, "dir")], [data_root] if data_root
-                      else [], force=force)
+        if init:
+            from neuralign.io.formats import check_exists
+
+            check_exists(init)
+        outputs = [Output("--out", out, "json"),
+                   Output("--save-model", save_model, "model", "federate"),
+                   Output("--write-app", write_app, "dir"),
+                   Output("--write-node-data", write_node_data, "dir")]
+        if checkpoint_dir and not resume:
+            outputs.append(Output("--checkpoint-dir", checkpoint_dir, "dir"))
+        inputs = [p for p in (data_root, init) if p]
+        if resume and checkpoint_dir:
+            inputs.append(checkpoint_dir)
+        check_outputs(outputs, inputs, force=force)
+        settings = {
+            "strategy": strategy, "clients": clients, "alpha": alpha, "rounds": rounds,
+            "data": data, "subset": subset, "test_subset": test_subset, "data_root": data_root,
+            "model": model, "model_kwargs": model_kwargs, "local_epochs": local_epochs,
+            "lr": lr, "batch_size": batch_size, "seed": seed, "data_seed": data_seed,
+            "client_data": client_data, "force": force}
+        options = {"fraction": fraction, "min_clients": min_clients or None,
+                   "min_replies": min_replies, "round_timeout": round_timeout,
+                   "node_timeout": node_timeout, "proximal_mu": proximal_mu,
+                   "anchor_ratio": anchor_ratio, "anchor_seed": seed,
+                   "checkpoint_dir": checkpoint_dir or None, "resume": resume or None,
+                   "init": init or None}
         with rep.running():
-            _run(rep, strategy, clients, alpha, rounds, data, subset, test_subset, data_root,
-                 model, model_kwargs, local_epochs, lr, batch_size, seed, data_seed, fraction,
-                 min_clients, min_replies, proximal_mu, anchor_ratio, engine, out, save_model,
-                 write_app, verbose)
+            _run(rep, settings, options, engine, out, save_model, write_app, write_node_data,
+                 verbose)
 
 
-def _run(rep, strategy, clients, alpha, rounds, data, subset, test_subset, data_root, model,
-         model_kwargs, local_epochs, lr, batch_size, seed, data_seed, fraction, min_clients,
-         min_replies, proximal_mu, anchor_ratio, engine, out, save_model, write_app,
+def _run(rep, settings, options, engine, out, save_model, write_app, write_node_data,
          verbose) -> None:
-    import dataclasses
     import sys
+    from pathlib import Path
 
     from neuralign.federated import FedTask, server
-    from neuralign.federated.runner import build_run_config, run_federated
+    from neuralign.federated.rounds import client_failures
+    from neuralign.federated.runner import build_run_config, check_before_start, run_federated
 
-    fields = {f.name for f in dataclasses.fields(FedTask)}
-    extra = {"data_seed": data_seed} if "data_seed" in fields else {}
-    task = FedTask(dataset=data, subset=subset, test_subset=test_subset, data_root=data_root,
-                   num_partitions=clients, alpha=alpha, model=model,
-                   model_kwargs=json.dumps(model_kwargs), seed=seed, batch_size=batch_size,
-                   local_epochs=local_epochs, lr=lr, **extra)
-    options = dict(fraction=fraction, min_clients=min_clients or None, min_replies=min_replies,
-                   proximal_mu=proximal_mu, anchor_ratio=anchor_ratio, anchor_seed=seed)
+    st = settings
+    task = FedTask(dataset=st["data"], subset=st["subset"], test_subset=st["test_subset"],
+                   data_root=st["data_root"], num_partitions=st["clients"], alpha=st["alpha"],
+                   model=st["model"], model_kwargs=json.dumps(st["model_kwargs"]),
+                   seed=st["seed"], batch_size=st["batch_size"],
+                   local_epochs=st["local_epochs"], lr=st["lr"], data_seed=st["data_seed"],
+                   client_data=st["client_data"])
+    strategy, rounds, clients = st["strategy"], st["rounds"], st["clients"]
+    if write_app or write_node_data:
+        cfg = build_run_config(task, strategy, rounds, **options)
+        check_before_start(task, cfg)
+    if write_node_data:
+        from neuralign.federated.node_data import write_node_data as write_nodes
+
+        paths = write_nodes(task, write_node_data)
+        rep.note(f"wrote {len(paths)} node data files into {write_node_data} (node-0.npz ... "
+                 f"node-{len(paths) - 1}.npz); start SuperNode i with --node-config "
+                 "'data-path=\".../node-i.npz\"'")
+        rep.data.update(wrote_node_data=[str(p) for p in paths])
     if write_app:
         from neuralign.federated.deploy import write_flower_app
 
-        path = write_flower_app(write_app, build_run_config(task, strategy, rounds, **options))
+        path = write_flower_app(write_app, cfg)
         rep.note(f"wrote {path}; start a SuperLink and {clients} SuperNodes (see "
                  f"docs/federated.md), then: flwr run {write_app} <connection>")
         rep.data.update(wrote=str(path))
+    if write_app or write_node_data:
         return
 
     def show(r, metrics):
@@ -127,6 +185,12 @@ def _run(rep, strategy, clients, alpha, rounds, data, subset, test_subset, data_
             text = f"matched layer {metrics.get('layer')} (width {metrics.get('width')})"
         print(f"round {r}/{rounds}: {text}", file=sys.stderr, flush=True)
 
+    ck = options.get("checkpoint_dir")
+    if ck and st["force"] and not options.get("resume"):  # --force: a new run replaces it
+        from neuralign.federated.checkpoint import CHECKPOINT, HISTORY
+
+        for name in (CHECKPOINT, HISTORY):
+            (Path(ck) / name).unlink(missing_ok=True)
     server.ROUND_HOOKS.append(show)
     try:
         hist = run_federated(task, strategy, rounds, engine=engine, verbose=verbose,
@@ -134,12 +198,21 @@ def _run(rep, strategy, clients, alpha, rounds, data, subset, test_subset, data_
     finally:
         server.ROUND_HOOKS.remove(show)
     rows = [[r, a, lo] for r, a, lo in zip(hist["round"], hist["accuracy"], hist["loss"])]
-    rep.table(f"{strategy} | {clients} clients | Dirichlet alpha={alpha} | {data}",
+    rep.table(f"{strategy} | {clients} clients | Dirichlet alpha={st['alpha']} | {st['data']}",
               ["round", "test accuracy", "test loss"], rows)
     rep.note(f"final accuracy {hist['final_accuracy']:.4f}, best "
              f"{hist['best_accuracy']:.4f} ({hist['seconds']:.1f} s)")
+    for k in hist.get("resumed_at", []):
+        rep.note(f"resumed from the checkpoint of round {k}")
     for r, notes in hist["failures"].items():
-        rep.note(f"round {r}: {len(notes)} client(s) failed: " + "; ".join(notes))
+        n = client_failures(notes)
+        other = [x for x in notes if not x.startswith("node ")]
+        nodes = [x for x in notes if x.startswith("node ")]
+        if n:
+            more = f" (+{n - 1} more)" if n > 1 else ""
+            rep.note(f"round {r}: {n} client(s) failed: {nodes[0]}{more}")
+        for x in other:
+            rep.note(f"round {r}: {x}")
     if out:
         from neuralign.cli._guard import write_text_atomic
 

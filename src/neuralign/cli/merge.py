@@ -37,10 +37,10 @@ METHOD_OPTIONS = {
     "average": (), "uniform-soup": (), "greedy-soup": (),
     "learned-soup": ("epochs", "lr", "max_batches"),
     "learned-soup-layer": ("epochs", "lr", "max_batches"),
-    "fisher": ("n_examples", "eps"),
-    "ot": ("reference", "ground", "n_samples"),
+    "fisher": ("n_examples", "labels", "normalize", "fisher_floor", "favor_target"),
+    "ot": ("reference", "ground", "n_samples"),  # ground: weight, activation, preactivation
     "matched": ("slack", "growth_penalty", "max_width", "n_iter"),
-    "zipit": ("stop_at", "within", "n_samples"),
+    "zipit": ("stop_at", "alpha", "beta", "within", "n_samples"),
 }
 NEEDS_DATA = ("greedy-soup", "learned-soup", "learned-soup-layer", "zipit", "fisher")
 SELF_ALIGNING = ("ot", "matched", "zipit")
@@ -133,7 +133,10 @@ def register(app: typer.Typer) -> None:
         input_shape: str = INPUT_SHAPE_OPT,
         seed: int = typer.Option(0),
         option: list[str] = typer.Option(None, "--option", "-o", help="method option key=value "
-                                         "(e.g. ground=activation, stop_at=2, max_width=64)"),
+                                         "(e.g. ot: ground=activation|preactivation|weight; "
+                                         "zipit: stop_at=2 alpha=0.3 beta=0.125; fisher: "
+                                         "labels=expected|empirical normalize=true; matched: "
+                                         "max_width=64)"),
         arch: str = ARCH_OPT,
         model_option: list[str] = MODEL_KW_OPT,
         allow_pickle: bool = PICKLE_OPT,

@@ -1,9 +1,11 @@
 """Federated learning on Flower: FedAvg, FedProx, FedPFN, FedPNU, FedMA (extra ``fl``).
 
 Use :func:`run_federated` for a run on one machine; ``make_client_app`` / ``make_server_app``
-(and the module-level apps in :mod:`neuralign.federated.app`) for Flower's engines.
+(and the module-level apps in :mod:`neuralign.federated.app`) for Flower's engines;
+:func:`load_node_data` / :func:`write_node_data` for SuperNodes that read their own data.
 """
 
+from neuralign.federated.node_data import load_node_data, write_node_data
 from neuralign.federated.partition import dirichlet_partition, label_histogram
 from neuralign.federated.task import FedTask
 
@@ -16,6 +18,7 @@ __all__ = [
     "LocalGrid",
     "dirichlet_partition",
     "label_histogram",
+    "load_node_data",
     "local_train",
     "make_client_app",
     "make_server_app",
@@ -23,6 +26,7 @@ __all__ = [
     "match_layer",
     "matched_average_step",
     "run_federated",
+    "write_node_data",
 ]
 
 

@@ -91,8 +91,23 @@ def _partition_id(context) -> int:
     cfg = context.node_config
     if "partition-id" not in cfg:
         raise NeuralignError("the SuperNode has no 'partition-id' in its node config; start it "
-                             "with --node-config 'partition-id=0 num-partitions=N'")
+                             "with --node-config 'partition-id=0 num-partitions=N' (or, with "
+                             "task.client-data=\"node\", 'data-path=\"/path/to/node.npz\"')")
     return int(cfg["partition-id"])
+
+
+def _client_loader(task: FedTask, context, server_round: int = 0):
+    """This node's training data: its own file (``client-data = node``: ``data-path`` in the
+    node config; the whole data set is never loaded) or its partition of the built-in set."""
+    cfg = context.node_config
+    if task.client_data == "node":
+        if "data-path" not in cfg:
+            raise NeuralignError("the run reads node-local data (task.client-data = \"node\") "
+                                 "but this SuperNode has no 'data-path' in its node config; "
+                                 "start it with --node-config 'data-path=\"/path/to/node.npz\"'")
+        return task.node_loader(str(cfg["data-path"]), server_round,
+                                node_seed=int(cfg.get("partition-id", 0)))
+    return task.client_loader(_partition_id(context), server_round)
 
 
 def model_from_arrays(task: FedTask, arrays) -> nn.Module:
@@ -117,14 +132,14 @@ def make_client_app():
     @app.train()
     def _train(msg: Message, context) -> Message:
         task = FedTask.from_run_config(context.run_config)
-        pid = _partition_id(context)
+        pid = int(context.node_config.get("partition-id", -1))
         config = msg.content["config"]
         failing = {int(p) for p in task.fail_partitions.split(",") if p.strip()}
         if pid in failing:
             raise RuntimeError(f"client {pid} failed on purpose (fail-partitions)")
         torch.set_num_threads(int(context.node_config.get("num-threads", 1)))
         model = model_from_arrays(task, msg.content["arrays"])
-        loader = task.client_loader(pid, int(config.get("server-round", 0)))
+        loader = _client_loader(task, context, int(config.get("server-round", 0)))
         local, metrics = local_train(model, loader, task, config)
         metrics["num-examples"] = len(loader.dataset)
         content = RecordDict({"arrays": ArrayRecord(local.state_dict()),
@@ -134,9 +149,8 @@ def make_client_app():
     @app.evaluate()
     def _evaluate(msg: Message, context) -> Message:
         task = FedTask.from_run_config(context.run_config)
-        pid = _partition_id(context)
         model = model_from_arrays(task, msg.content["arrays"])
-        loader = task.client_loader(pid)
+        loader = _client_loader(task, context)
         ev = evaluate(model, loader)
         metrics = {"eval_loss": float(ev["loss"]), "eval_accuracy": float(ev["accuracy"]),
                    "num-examples": len(loader.dataset)}

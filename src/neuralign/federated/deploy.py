@@ -3,7 +3,12 @@
 The app's components are the module-level apps of :mod:`neuralign.federated.app`; the run
 config holds the strategy and the :class:`FedTask` settings. Submit it to a running SuperLink
 with ``flwr run <dir> <connection>`` (see docs/federated.md). Every SuperNode needs neuralign
-installed and its own ``--node-config 'partition-id=I num-partitions=N'``.
+installed and its own node config: ``'partition-id=I num-partitions=N'`` (a partition of the
+built-in data set) or, with ``task.client-data = "node"``, ``'data-path="/path/to/own.npz"'``.
+
+Every key the ServerApp reads is written (with its default when not given), because ``flwr run
+... --run-config 'k=v'`` can only override keys the app declares: e.g. restart a killed server
+with ``--run-config 'resume=true'``.
 """
 
 from __future__ import annotations
@@ -48,8 +53,19 @@ def _toml_value(v) -> str:
     return json.dumps(str(v))
 
 
+# keys the ServerApp reads, with their defaults (so that `flwr run --run-config` can set them)
+APP_DEFAULTS = {"fraction": 1.0, "min-clients": 0, "min-replies": 1, "round-timeout": 600.0,
+                "node-timeout": 120.0, "checkpoint-dir": "", "resume": False, "init": "",
+                "save-model": ""}
+
+
 def write_flower_app(directory, run_config: dict, *, name: str = "neuralign-fl") -> Path:
-    """Write ``directory/pyproject.toml`` (and a README) for ``flwr run``; returns the path."""
+    """Write ``directory/pyproject.toml`` (and a README) for ``flwr run``; returns the path.
+    ``run_config`` is checked first (:func:`neuralign.federated.validate.check_run_config`)."""
+    from neuralign.federated.validate import check_run_config
+
+    run_config = {**APP_DEFAULTS, **run_config}
+    check_run_config(run_config)
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise NeuralignError(f"{d} exists and is not a directory")

@@ -37,7 +37,8 @@ def dirichlet_partition(labels, num_partitions: int, alpha: float, *, seed: int 
     y = np.asarray(labels).astype(np.int64).reshape(-1)
     if len(y) < num_partitions * max(min_partition_size, 1):
         raise DataError(f"{len(y)} samples cannot fill {num_partitions} partitions of at least "
-                        f"{min_partition_size}; lower min_partition_size or use more data")
+                        f"{min_partition_size} samples; use fewer clients, more data or a smaller "
+                        "min_partition_size")
     DirichletPartitioner = _require_fl()
     import datasets
 

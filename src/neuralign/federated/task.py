@@ -3,6 +3,12 @@
 A ``FedTask`` travels as Flower's run config (flat ``key -> scalar``), so the same ClientApp
 code finds its data on the simulation engine, on the in-process grid and on real SuperNodes
 (where ``partition-id`` / ``num-partitions`` come from the SuperNode's node config).
+
+``client_data`` says where a client's training data comes from: ``"partition"`` (its Dirichlet
+partition of the built-in data set: the simulation's convenience, every node needs the whole set)
+or ``"node"`` (the node's own ``.npz`` file, ``data-path`` in its node config; see
+:mod:`neuralign.federated.node_data`). ``input_shape`` / ``num_classes`` let a node build the
+model without loading any data set; :meth:`FedTask.with_data_shape` fills them in.
 """
 
 from __future__ import annotations
@@ -44,10 +50,16 @@ class FedTask:
     weight_decay: float = 5e-4
     fail_partitions: str = ""     # comma-separated partition ids whose client raises (tests)
     output: str = ""              # where the ServerApp writes its JSON history ("" : nowhere)
+    client_data: str = "partition"  # "partition" (of the built-in set) or "node" (data-path)
+    input_shape: str = ""         # "C,H,W" of the model's input ("" : from the data set)
+    num_classes: int = 0          # classes of the model's output (0 : from the data set)
 
     # -- run config round trip ---------------------------------------------------------------
     def to_run_config(self) -> dict:
-        return {f"task.{k.replace('_', '-')}": v for k, v in dataclasses.asdict(self).items()}
+        """``task.*`` keys; the fields added for node-local data are left out at their
+        defaults, so run configs (and caches keyed by them) of earlier runs stay the same."""
+        return {f"task.{k.replace('_', '-')}": v for k, v in dataclasses.asdict(self).items()
+                if not (k in _OPTIONAL and v == _OPTIONAL[k])}
 
     @classmethod
     def from_run_config(cls, cfg) -> FedTask:
@@ -68,6 +80,30 @@ class FedTask:
                            self.data_seed, self.seed, self.num_partitions, self.alpha,
                            self.min_partition_size)
 
+    def with_data_shape(self) -> FedTask:
+        """This task with ``input_shape`` / ``num_classes`` read from the data set, so that
+        nodes with their own data build the model without the data set."""
+        if self.input_shape and self.num_classes:
+            return self
+        sp = self.splits()
+        return dataclasses.replace(self, input_shape=",".join(map(str, sp.input_shape)),
+                                   num_classes=int(sp.num_classes))
+
+    def model_io(self) -> tuple[tuple[int, ...], int]:
+        if self.input_shape and self.num_classes:
+            return tuple(int(v) for v in self.input_shape.split(",")), int(self.num_classes)
+        sp = self.splits()
+        return tuple(sp.input_shape), int(sp.num_classes)
+
+    def node_loader(self, data_path: str, server_round: int = 0, node_seed: int = 0):
+        """The loader of a node's own data file (``client_data="node"``)."""
+        from neuralign.federated.node_data import load_node_data
+
+        shape, classes = self.model_io() if self.input_shape else (None, None)
+        ds = load_node_data(data_path, input_shape=shape, num_classes=classes)
+        return make_loader(ds, self.batch_size, shuffle=True,
+                           seed=self.seed * 100_003 + node_seed * 1009 + server_round)
+
     def client_loader(self, partition_id: int, server_round: int = 0):
         if not 0 <= partition_id < self.num_partitions:
             raise NeuralignError(f"partition-id {partition_id} is outside "
@@ -83,17 +119,20 @@ class FedTask:
     # -- model -------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         """The initial global model (seeded: every party builds the same one)."""
-        splits = self.splits()
+        shape, num_classes = self.model_io()
         kwargs = json.loads(self.model_kwargs) if self.model_kwargs else {}
         torch.manual_seed(self.seed)
-        c = splits.input_shape[0]
-        size = splits.input_shape[-1]
+        c = shape[0]
+        size = shape[-1]
         if self.model == "lenet":
             from neuralign.federated.models import LeNet
 
-            return LeNet(in_channels=c, num_classes=splits.num_classes, image_size=size, **kwargs)
-        return get_model(self.model, num_classes=splits.num_classes, in_channels=c,
+            return LeNet(in_channels=c, num_classes=num_classes, image_size=size, **kwargs)
+        return get_model(self.model, num_classes=num_classes, in_channels=c,
                          image_size=size, **kwargs)
+
+
+_OPTIONAL = {"client_data": "partition", "input_shape": "", "num_classes": 0}
 
 
 @functools.lru_cache(maxsize=4)

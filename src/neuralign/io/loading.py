@@ -84,8 +84,14 @@ def load_model(path, *, arch: str | None = None, model_kwargs: dict | None = Non
             side = sidecar_path(path).name
             raise CheckpointError(f"{path}: no architecture recorded (neither in its header nor "
                                   f"in a {side} sidecar); {_ARCH_HINT}")
-        kwargs = dict(model_kwargs) if model_kwargs is not None else (
-            dict(cfg.get("kwargs") or {}) if name == cfg.get("name") else {})
+        if model_kwargs is not None:
+            kwargs = dict(model_kwargs)
+        elif name == cfg.get("name"):
+            from neuralign.models.registry import rebuild_kwargs
+
+            kwargs = rebuild_kwargs(name, cfg.get("kwargs") or {}, cfg.get("version"))
+        else:
+            kwargs = {}
         model = _rebuild(name, kwargs)
     try:
         load_into(model, sd, source=str(path))

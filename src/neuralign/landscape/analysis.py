@@ -33,19 +33,39 @@ def _gram(x: torch.Tensor, kernel: str, sigma: float | None) -> torch.Tensor:
         return x @ x.T
     if kernel == "rbf":
         d2 = torch.cdist(x, x) ** 2
+        d2.fill_diagonal_(0)
         if sigma is None:
-            med = d2[d2 > 0].median() if (d2 > 0).any() else torch.tensor(1.0, dtype=x.dtype)
-            sig2 = med
+            sig2 = _median_sq_distance(d2)
         else:
             sig2 = torch.tensor(sigma, dtype=x.dtype) ** 2
         return torch.exp(-d2 / (2 * sig2))
     raise NeuralignError(f"unknown CKA kernel '{kernel}'; use 'linear' or 'rbf'")
 
 
+def _median(v: torch.Tensor) -> torch.Tensor:
+    """numpy's median: the mean of the two middle values when there are an even number."""
+    n = v.numel()
+    lo = v.kthvalue((n + 1) // 2).values
+    return lo if n % 2 else (lo + v.kthvalue(n // 2 + 1).values) / 2
+
+
+def _median_sq_distance(d2: torch.Tensor) -> torch.Tensor:
+    """Kornblith et al.'s RBF bandwidth ``sigma**2``: the median of all ``N x N`` squared
+    distances, the zero diagonal included. Where that median is 0 (most pairs of examples
+    identical), the median of the non-zero distances instead (1 if there are none), rather
+    than a kernel of 0/0."""
+    med = _median(d2.flatten())
+    if med > 0:
+        return med
+    pos = d2[d2 > 0]
+    return _median(pos) if pos.numel() else torch.tensor(1.0, dtype=d2.dtype)
+
+
 def cka(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", sigma: float | None = None) -> float:
     """Centered kernel alignment (Kornblith et al., 2019) of two representations of the same
-    examples, ``x`` (N, ...) and ``y`` (N, ...). ``rbf`` uses ``sigma`` = the median pairwise
-    distance when not given. 1 for identical representations, invariant to unit permutations."""
+    examples, ``x`` (N, ...) and ``y`` (N, ...). ``rbf`` uses ``sigma**2`` = the median of all squared
+    pairwise distances, zeros on the diagonal included (Kornblith et al.'s ``gram_rbf`` with
+    threshold 1), when not given. 1 for identical representations, invariant to unit permutations."""
     if x.shape[0] != y.shape[0]:
         raise NeuralignError(f"CKA needs the same examples: {x.shape[0]} vs {y.shape[0]} rows")
     x = x.reshape(x.shape[0], -1).double()

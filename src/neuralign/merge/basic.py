@@ -60,9 +60,11 @@ def has_batchnorm(model: nn.Module) -> bool:
 def reset_bn(model: nn.Module, loader: Iterable, *, max_batches: int | None = None) -> nn.Module:
     """A copy of ``model`` whose batch-norm running statistics are recomputed on ``loader``.
 
-    Uses cumulative averaging (``momentum=None``) over the batches, in train mode, as Jordan et
-    al. (REPAIR) and Ainsworth et al. (Git Re-Basin) do after interpolation. Models without
-    batch norm are returned as an unchanged copy.
+    Uses cumulative averaging (``momentum=None``) over the batches, with the batch norms in train
+    mode, as Jordan et al. (REPAIR) and Ainsworth et al. (Git Re-Basin) do after interpolation.
+    Every other module stays in eval mode (dropout off, so the statistics are those of the
+    activations the model sees at test time). Models without batch norm are returned as an
+    unchanged copy; the result is in eval mode.
     """
     model = copy.deepcopy(model)
     bns = [m for m in model.modules() if isinstance(m, _NORMS)]
@@ -73,8 +75,9 @@ def reset_bn(model: nn.Module, loader: Iterable, *, max_batches: int | None = No
         m.reset_running_stats()
         m.momentum = None
         m.track_running_stats = True
-    was = model.training
-    model.train()
+    model.eval()
+    for m in bns:
+        m.train()
     dev = device_of(model)
     n = 0
     cl = use_channels_last(None, dev)
@@ -90,6 +93,5 @@ def reset_bn(model: nn.Module, loader: Iterable, *, max_batches: int | None = No
     for m, (mom, trs) in zip(bns, saved):
         m.momentum = mom
         m.track_running_stats = trs
-    model.train(was)
     model.eval()
     return model

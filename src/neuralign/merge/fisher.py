@@ -1,16 +1,26 @@
-"""Fisher-weighted averaging (Matena & Raffel, 2022) with the diagonal empirical Fisher."""
+"""Fisher-weighted averaging (Matena & Raffel, 2022) with the diagonal Fisher.
+
+The Fisher is taken, as in the authors' code, with labels from the model's own predictive
+distribution and the expectation over classes computed exactly:
+``F = mean_x sum_y p(y|x) (d log p(y|x) / d theta)^2`` (``labels="expected"``). The empirical
+Fisher (the data's labels, ``labels="empirical"``) and a one-sample Monte-Carlo estimate
+(``labels="sampled"``) are options. Merging follows their code too: each model's Fisher may be
+normalised to unit L2 norm over all its entries (``normalize=True``), and the target model
+(``models[0]``) has its Fisher floored at ``fisher_floor``, so that where no model has any
+Fisher mass the target's value is kept.
+"""
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, jacrev, vmap
 
-from neuralign.errors import DataError
+from neuralign.errors import DataError, NeuralignError
 from neuralign.evaluation import iter_batches
 from neuralign.merge._util import (
     as_state_dict,
@@ -22,29 +32,41 @@ from neuralign.merge._util import (
     split_batch,
 )
 
+LABELS = ("expected", "empirical", "sampled")
+
 
 def fisher_diagonal(model: nn.Module, loader: Iterable, *, n_examples: int = 256,
-                    empirical: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher ``E[(d log p(y|x) / d theta)^2]`` over up to ``n_examples`` examples.
+                    labels: str = "expected", seed: int = 0, empirical: bool | None = None,
+                    max_floats: int = 2 ** 25) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of ``model``'s parameters over up to ``n_examples`` examples of ``loader``.
 
-    ``empirical=True`` uses the data labels (the empirical Fisher); ``False`` samples ``y`` from
-    the model's predictive distribution (seeded). Per-example gradients via ``torch.func``;
-    the model is evaluated in eval mode. A model whose parameters all belong to ``nn.Linear``
-    layers fed ``(batch, features)`` (an MLP) needs no per-example gradients: one batch
-    backward gives the same sums of squares (``_linear_squares``).
+    ``labels``: ``"expected"`` (default) -- ``sum_y p(y|x) (d log p(y|x)/d theta)^2``, the exact
+    expectation under the model's predictive distribution (Matena & Raffel's code);
+    ``"empirical"`` -- the empirical Fisher, with the loader's labels; ``"sampled"`` -- one label
+    drawn from the model per example (seeded). ``empirical=True/False`` is the older spelling of
+    ``"empirical"``/``"sampled"``. The model is evaluated in eval mode. Per-example gradients come
+    from ``torch.func`` (``vmap`` of ``jacrev``, batches split so that at most ``max_floats``
+    gradient entries exist at once); a model whose parameters all belong to ``nn.Linear``
+    layers fed ``(batch, features)`` needs none: one backward pass per class gives the same
+    sums of squares (``_linear_squares``).
     """
+    if empirical is not None:
+        labels = "empirical" if empirical else "sampled"
+    if labels not in LABELS:
+        raise NeuralignError(f"unknown Fisher labels '{labels}'; use one of {', '.join(LABELS)}")
     m = copy.deepcopy(model).eval()
     dev = device_of(m)
     params = {k: v.detach() for k, v in m.named_parameters()}
     buffers = {k: v.detach() for k, v in m.named_buffers()}
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def logp(p, x, y):
+    def logp(p, x, idx):
         out = functional_call(m, (p, buffers), (x.unsqueeze(0),))
-        return -F.cross_entropy(out, y.unsqueeze(0))
+        return torch.log_softmax(out, -1)[0][idx]
 
-    per_ex = vmap(grad(logp), in_dims=(None, 0, 0))
+    per_ex = vmap(jacrev(logp), in_dims=(None, 0, 0))
     acc = {k: torch.zeros_like(v) for k, v in params.items()}
+    n_params = sum(v.numel() for v in params.values())
     linear_only = _linear_only(m)
     n = 0
     for batch in iter_batches(loader):
@@ -52,22 +74,38 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, n_examples: int = 256
             break
         x, y = split_batch(batch)
         x = x[: n_examples - n].to(dev)
-        if not empirical or y is None:
-            with torch.no_grad():
-                probs = torch.softmax(m(x), -1).cpu()
-            y = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        y = y[: len(x)].to(dev)
-        if linear_only and _linear_squares(m, x, y, acc):
+        idx, w = _targets(m, x, y, labels, gen)
+        if linear_only and _linear_squares(m, x, idx, w, acc):
             n += len(x)
             continue
         linear_only = False
-        g = per_ex(params, x, y)
-        for k in acc:
-            acc[k] += g[k].square_().sum(0)
+        chunk = max(1, max_floats // max(1, idx.shape[1] * n_params))
+        for s in range(0, len(x), chunk):
+            g = per_ex(params, x[s:s + chunk], idx[s:s + chunk])
+            ws = w[s:s + chunk]
+            for k in acc:
+                acc[k] += torch.einsum("bk,bk...->...", ws, g[k].square())
         n += len(x)
     if n == 0:
         raise DataError("the data loader yielded no batches; pass a non-empty loader for the Fisher")
     return {k: v / n for k, v in acc.items()}
+
+
+def _targets(m: nn.Module, x: torch.Tensor, y, labels: str, gen: torch.Generator):
+    """Label indices (B, K) and their weights (B, K) for the Fisher's expectation."""
+    if labels == "empirical":
+        if y is None:
+            raise DataError("the empirical Fisher needs labels, and the loader yields none; use "
+                            "labels='expected' (the model's own predictive distribution)")
+        idx = y[: len(x)].to(x.device).long()[:, None]
+        return idx, torch.ones(idx.shape, dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        probs = torch.softmax(m(x), -1)
+    if labels == "sampled":
+        idx = torch.multinomial(probs.cpu(), 1, generator=gen).to(x.device)
+        return idx, torch.ones(idx.shape, dtype=probs.dtype, device=x.device)
+    idx = torch.arange(probs.shape[1], device=x.device).expand(len(x), -1)
+    return idx, probs
 
 
 def _linear_only(m: nn.Module) -> bool:
@@ -79,38 +117,42 @@ def _linear_only(m: nn.Module) -> bool:
     return bool(ps) and all(id(p) in owners and p.requires_grad for p in ps)
 
 
-def _linear_squares(m: nn.Module, x: torch.Tensor, y: torch.Tensor, acc: dict) -> bool:
-    """Add the per-example squared gradients of a batch to ``acc`` for a model whose parameters
-    are all ``nn.Linear``'s, without materialising per-example gradients: with the summed loss,
-    the gradient at a linear layer's output is per example (eval mode couples no examples), and
-    example ``i``'s weight gradient is ``g_i x_i^T``, whose square sums to ``(g^2)^T (x^2)``.
-    False (nothing added) when a linear layer sees other than ``(batch, features)`` inputs."""
+def _linear_squares(m: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                    acc: dict) -> bool:
+    """Add ``sum_k w[i, k] (d log p(idx[i, k] | x_i) / d theta)^2`` over the batch to ``acc`` for
+    a model whose parameters are all ``nn.Linear``'s, without per-example gradients: for each
+    ``k`` one backward pass of ``sum_i log p(idx[i, k] | x_i)`` gives each example's gradient at
+    a linear layer's output (eval mode couples no examples), ``g_i``; example ``i``'s weight
+    gradient is ``g_i x_i^T``, whose weighted squares sum to ``(w g^2)^T (x^2)``. False (nothing
+    added) when a linear layer sees other than ``(batch, features)`` inputs."""
     names = {mod: name for name, mod in m.named_modules() if type(mod) is nn.Linear}
-    inputs, grads, ok = {}, {}, [True]
+    inputs, outputs, ok = {}, {}, [True]
 
     def fwd(mod, inp, out):
         if inp[0].dim() != 2 or mod in inputs or not out.requires_grad:
             ok[0] = False
             return
-        inputs[mod] = inp[0].detach()
-        out.register_hook(lambda g, mod=mod: grads.__setitem__(mod, g.detach()))
+        inputs[mod], outputs[mod] = inp[0].detach(), out
 
     hs = [mod.register_forward_hook(fwd) for mod in names]
     try:
         with torch.enable_grad():
             out = m(x)
-            if out.dim() != 2 or not ok[0]:
+            if out.dim() != 2 or not ok[0] or len(outputs) != len(names):
                 return False
-            # d log p / d out for each example: the summed loss leaves the rows per example
-            loss = F.cross_entropy(out, y, reduction="sum")
-            torch.autograd.grad(loss, [p for p in m.parameters()], allow_unused=True)
+            logp = torch.log_softmax(out, -1)
+            mods = list(names)
+            sq = {mod: 0.0 for mod in mods}
+            for k in range(idx.shape[1]):
+                obj = logp.gather(1, idx[:, k:k + 1]).sum()
+                gs = torch.autograd.grad(obj, [outputs[mod] for mod in mods], retain_graph=True)
+                for mod, g in zip(mods, gs):
+                    sq[mod] = sq[mod] + w[:, k:k + 1] * g.detach().square()
     finally:
         for h in hs:
             h.remove()
-    if not ok[0] or len(grads) != len(names):
-        return False
     for mod, name in names.items():
-        g2, x2 = grads[mod].square(), inputs[mod].square()
+        g2, x2 = sq[mod], inputs[mod].square()
         acc[f"{name}.weight" if name else "weight"] += g2.T @ x2
         if mod.bias is not None:
             acc[f"{name}.bias" if name else "bias"] += g2.sum(0)
@@ -119,11 +161,17 @@ def _linear_squares(m: nn.Module, x: torch.Tensor, y: torch.Tensor, acc: dict) -
 
 def fisher_merge(models: Sequence[nn.Module], fishers: Sequence[dict] | None = None, *,
                  loader: Iterable | None = None, weights: Sequence[float] | None = None,
-                 n_examples: int = 256, eps: float = 1e-8):
-    """``theta = sum_j w_j F_j theta_j / sum_j w_j F_j`` per parameter entry (``F_j + eps``).
+                 n_examples: int = 256, labels: str = "expected", normalize: bool = True,
+                 fisher_floor: float = 1e-6, favor_target: bool = True):
+    """``theta = sum_j c_j F_j theta_j / sum_j c_j F_j`` per parameter entry (Matena & Raffel).
 
-    Buffers (batch-norm statistics) and parameters without a Fisher are averaged with ``w``.
-    With equal Fishers this is exactly the weighted average.
+    ``c_j = w_j`` (the ``weights``, equal by default), divided by ``||F_j||`` (the L2 norm of
+    model ``j``'s whole diagonal Fisher) when ``normalize`` (their code's default). The target
+    model ``models[0]`` has its Fisher floored at ``fisher_floor`` (``favor_target=False``:
+    every model's), so an entry no model has Fisher mass on keeps the target's value. Buffers
+    (batch-norm statistics) and parameters without a Fisher are averaged with ``w``. Without
+    ``fishers`` they are computed on ``loader`` (``n_examples``, ``labels``: see
+    :func:`fisher_diagonal`).
     """
     sds = [as_state_dict(m) for m in models]
     for i, sd in enumerate(sds):
@@ -133,16 +181,41 @@ def fisher_merge(models: Sequence[nn.Module], fishers: Sequence[dict] | None = N
     if fishers is None:
         if loader is None:
             raise DataError("fisher_merge needs `fishers` or a `loader` to compute them")
-        fishers = [fisher_diagonal(m, loader, n_examples=n_examples) for m in models]
+        fishers = [fisher_diagonal(m, loader, n_examples=n_examples, labels=labels) for m in models]
+    if len(fishers) != len(sds):
+        raise NeuralignError(f"got {len(fishers)} Fishers for {len(sds)} models; pass one per model")
+    for j, f in enumerate(fishers):
+        for k, v in f.items():
+            if k not in sds[0] or tuple(v.shape) != tuple(sds[0][k].shape):
+                raise NeuralignError(f"model {j}'s Fisher entry '{k}' does not match a parameter "
+                                     "of the models")
+            if not torch.isfinite(v).all() or (v < 0).any():
+                raise NeuralignError(f"model {j}'s Fisher entry '{k}' is negative or not finite")
+    coeff = list(w)
+    if normalize:
+        for j, f in enumerate(fishers):
+            norm = math.sqrt(sum(float(v.double().square().sum()) for v in f.values()))
+            if norm == 0.0:
+                raise NeuralignError(f"model {j}'s Fisher is zero everywhere, so it cannot be "
+                                     "normalised; pass normalize=False")
+            coeff[j] = w[j] / norm
     out = {}
     for k, v in sds[0].items():
         if not v.is_floating_point():
             out[k] = v.clone()
             continue
         if all(k in f for f in fishers):
-            num = sum(wj * (f[k].double() + eps) * sd[k].double() for wj, f, sd in zip(w, fishers, sds))
-            den = sum(wj * (f[k].double() + eps) for wj, f in zip(w, fishers))
-            out[k] = (num / den).to(v.dtype)
+            lhs = torch.zeros_like(v, dtype=torch.float64)
+            rhs = torch.zeros_like(lhs)
+            for j, (f, sd) in enumerate(zip(fishers, sds)):
+                diag = f[k].double().to(lhs.device)
+                if j == 0 or not favor_target:
+                    diag = diag.clamp_min(fisher_floor)
+                lhs += coeff[j] * diag
+                rhs += coeff[j] * diag * sd[k].double()
+            merged = torch.where(lhs > 0, rhs / lhs.where(lhs > 0, torch.ones_like(lhs)),
+                                 sds[0][k].double())
+            out[k] = merged.to(v.dtype)
         else:
             out[k] = sum(wj * sd[k].double() for wj, sd in zip(w, sds)).to(v.dtype)
     return like(models[0], out)

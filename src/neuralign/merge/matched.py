@@ -9,7 +9,8 @@ its incoming weights, expressed in the global units of the previous layer, and i
 The global unit is the weighted mean of the local units matched to it, computed entry by entry
 over the models that have that input (a model contributes nothing to global inputs it lacks).
 Output units (classes) are not matched. ``n_iter > 1`` re-matches each model against the
-global model without its own contribution (PFNM/FedMA's iterative refinement).
+global model without its own contribution (PFNM/FedMA's iterative refinement). Every batch norm between two layers (before or after the
+activation) is averaged with its units, over the models matched to each global unit.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from neuralign.errors import NeuralignError
-from neuralign.merge._chain import build_chain, chain_layers, layer_tensors
+from neuralign.merge._chain import build_chain, chain_layers, cpu_state, layer_tensors
 from neuralign.merge._util import as_state_dict, check_finite, normalize_weights
 
 
@@ -99,7 +100,7 @@ def matched_averaging(models: Sequence[nn.Module], *, weights: Sequence[float] |
     if J == 0:
         raise ValueError("matched_averaging needs at least one model")
     w = normalize_weights(weights, J)
-    sds = [as_state_dict(m) for m in models]
+    sds = [cpu_state(as_state_dict(m)) for m in models]
     for i, sd in enumerate(sds):
         check_finite(sd, f"model {i}")
     layers_all = [chain_layers(m) for m in models]
@@ -151,7 +152,7 @@ def matched_averaging(models: Sequence[nn.Module], *, weights: Sequence[float] |
         num = torch.zeros(g, vm[0][0].shape[1], dtype=torch.float64)
         den = torch.zeros_like(num)
         cnt = torch.zeros(g, dtype=torch.float64)
-        ext = torch.zeros(g, 4, dtype=torch.float64) if has_norm else None
+        ext = torch.zeros(g, extras[0].shape[1], dtype=torch.float64) if has_norm else None
         for j in range(J):
             num.index_add_(0, assign[j], w[j] * vm[j][0] * vm[j][1])
             den.index_add_(0, assign[j], w[j] * vm[j][1])

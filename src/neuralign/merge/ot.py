@@ -3,10 +3,18 @@
 Each model is aligned to the reference model (``models[reference]``, whose architecture and
 widths the fused model takes) one layer at a time: the incoming weights are first expressed in
 the reference's units of the previous layer, then a transport plan ``T`` between this layer's
-units is found with POT (exact EMD, uniform marginals) for a weight-based ground cost (squared
-distance of the aligned incoming weights and bias) or an activation-based one (squared distance
-of pre-activations on data). The aligned layer is ``diag(1/nu) T^T W``. Output units (classes)
-are not transported. Different widths are supported; for equal widths ``T`` is a permutation.
+units is found with POT (exact EMD, uniform marginals) for a ground cost between units:
+
+* ``ground="weight"``: squared distance of the aligned incoming weights and bias;
+* ``ground="activation"``: squared distance of the units' post-activation outputs on data (after
+  the nonlinearity, and after a batch norm that follows it), as otfusion computes them;
+* ``ground="preactivation"``: the same on the Conv/Linear outputs before any norm or
+  nonlinearity (this library's earlier activation cost; the survey's description of Singh &
+  Jaggi).
+
+The aligned layer is ``diag(1/nu) T^T W``; batch norms between two layers travel with their
+units. Output units (classes) are not transported. Different widths are supported; for equal
+widths ``T`` is a permutation.
 """
 
 from __future__ import annotations
@@ -22,55 +30,22 @@ from torch import nn
 from neuralign.errors import DataError, NeuralignError
 from neuralign.merge._chain import (
     build_chain,
+    chain_features,
     chain_layers,
+    cpu_state,
     layer_tensors,
     transport_cols,
     transport_rows,
 )
-from neuralign.merge._util import (
-    as_state_dict,
-    check_finite,
-    device_of,
-    normalize_weights,
-    split_batch,
-)
+from neuralign.merge._util import as_state_dict, check_finite, normalize_weights
+
+GROUNDS = ("weight", "activation", "preactivation")
 
 
 @dataclass
 class FusionResult:
     model: nn.Module
     transports: list[list[torch.Tensor]] = field(default_factory=list)  # [model][layer] (n_from, n_to)
-
-
-@torch.no_grad()
-def _activations(model: nn.Module, layers, loader: Iterable, n_samples: int) -> list[torch.Tensor]:
-    mods = dict(model.named_modules())
-    acts: dict[str, list] = {L.name: [] for L in layers}
-    hs = [mods[L.name].register_forward_hook(
-        lambda m, i, o, n=L.name: acts[n].append(o.movedim(1, -1).reshape(-1, o.shape[1]) if o.dim() > 2 else o))
-        for L in layers]
-    model.eval()
-    seen = 0
-    try:
-        for batch in loader:
-            x, _ = split_batch(batch)
-            model(x.to(device_of(model)))
-            seen += len(x)
-            if seen >= n_samples:
-                break
-    finally:
-        for h in hs:
-            h.remove()
-    if seen == 0:
-        raise DataError("the data loader yielded no batches; pass a non-empty loader for OT fusion")
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for L in layers:
-        a = torch.cat(acts[L.name]).double()
-        if a.shape[0] > 4 * n_samples:
-            a = a[torch.randperm(a.shape[0], generator=g)[: 4 * n_samples]]
-        out.append(a)
-    return out
 
 
 def _emd(cost: torch.Tensor) -> torch.Tensor:
@@ -86,15 +61,19 @@ def _emd(cost: torch.Tensor) -> torch.Tensor:
 def ot_fusion(models: Sequence[nn.Module], *, weights: Sequence[float] | None = None,
               reference: int = 0, ground: str = "weight", loader: Iterable | None = None,
               n_samples: int = 512) -> FusionResult:
-    """Fuse ``models`` (MLP/VGG-style chains, widths may differ) into ``models[reference]``'s shape."""
-    if ground not in ("weight", "activation"):
-        raise NeuralignError(f"unknown OT ground cost '{ground}'; use 'weight' or 'activation'")
-    if ground == "activation" and loader is None:
-        raise DataError("activation-based OT fusion needs a `loader`")
+    """Fuse ``models`` (MLP/VGG-style chains, widths may differ) into ``models[reference]``'s shape.
+
+    ``ground``: ``"weight"`` (no data), ``"activation"`` (post-activation outputs on ``loader``,
+    as otfusion) or ``"preactivation"`` (Conv/Linear outputs on ``loader``); ``n_samples``
+    inputs are used for the activation costs. See the module docstring."""
+    if ground not in GROUNDS:
+        raise NeuralignError(f"unknown OT ground cost '{ground}'; use one of {', '.join(GROUNDS)}")
+    if ground != "weight" and loader is None:
+        raise DataError(f"OT fusion with ground='{ground}' needs a `loader` (data to run the models on)")
     w = normalize_weights(weights, len(models))
     ref = models[reference]
     ref_layers = chain_layers(ref)
-    sds = [as_state_dict(m) for m in models]
+    sds = [cpu_state(as_state_dict(m)) for m in models]
     for i, sd in enumerate(sds):
         check_finite(sd, f"model {i}")
     per_model_layers = [chain_layers(m) for m in models]
@@ -104,8 +83,10 @@ def ot_fusion(models: Sequence[nn.Module], *, weights: Sequence[float] | None = 
                                  "OT fusion needs the same depth")
     tens = [layer_tensors(sd, ls) for sd, ls in zip(sds, per_model_layers)]
     acts = None
-    if ground == "activation":
-        acts = [_activations(m, ls, loader, n_samples) for m, ls in zip(models, per_model_layers)]
+    if ground != "weight":
+        pick = (lambda L: L.post) if ground == "activation" else (lambda L: L.node)
+        acts = [chain_features(m, [pick(L) for L in ls[:-1]], loader, n_samples, "OT fusion")
+                for m, ls in zip(models, per_model_layers)]
     ref_t = tens[reference]
     aligned_all, transports = [], []
     for i in range(len(models)):

@@ -1,18 +1,28 @@
-"""REPAIR (Jordan et al., 2023), forward-pass-exact variant, folded back into the weights.
+"""REPAIR (Jordan et al., 2023), forward-pass-exact variant, on plain and residual networks.
 
-For every corrected unit the merged model's pre-activation mean and standard deviation are set
-to the interpolation of the end points' (survey Eq. 12-13). The correction is a per-channel
-affine map; it is computed with batch statistics during one pass over ``loader`` (as the
-authors' inserted batch-norm layers do, together with the reset of the existing batch norms)
-and then folded into the weights and biases of the corrected module, so the returned model has
-the original architecture.
+For every corrected unit the merged model's mean and standard deviation over the data are set to
+the interpolation of the end points' (survey Eq. 12-13). Corrected, as in §4.4.1: every
+conv/linear pre-activation (:func:`~neuralign.merge.repair_targets.default_targets`) AND the
+output of every residual block (:func:`~neuralign.merge.repair_targets.residual_blocks`).
 
-Corrected places (default): the output of every norm layer with a per-channel affine
-(BatchNorm, GroupNorm, LayerNorm) and of every Conv/Linear layer that does not feed a norm
-layer directly and is not the model's output layer (a Conv feeding a norm is corrected through
-the norm's output, so bias-free convolutions stay bias-free). Residual-block *sums* are corrected through
-their summands (the last norm or conv of the branch and of the shortcut): a correction after
-the addition cannot be folded into an identity shortcut.
+The correction is a per-channel affine map, applied with batch statistics during one pass over
+``loader`` (as the authors' inserted batch-norm layers, with the reset of the existing batch
+norms in the same pass, dropout off). Then:
+
+- pre-activation corrections are **folded** into the weights and biases of the corrected
+  Conv/Linear or affine norm (exact);
+- block-output corrections cannot be folded: they sit after the residual addition, and the
+  identity shortcut of the next block carries the stream on uncorrected; the positive-scaling
+  symmetry of the residual stream could absorb a scale but not the shift that sets the mean (a
+  shift does not pass the block's ReLU, nor a zero-padded convolution). They are kept as an
+  explicit per-channel affine (:class:`neuralign.models.affine.ChannelAffine`, a child named
+  ``repair_affine`` of each block, applied by a forward hook), so the returned model computes
+  exactly the corrected function; it saves and loads through ``neuralign.io`` like any model.
+
+Each folded map is fitted to the exact statistics of the corrected unit's input over the whole
+pass (Chan et al.'s streaming moments), so with the data in one batch the returned model's
+statistics equal their targets to float precision; with several batches REPAIR's (and batch
+norm's) per-batch normalisation makes them approximate.
 """
 
 from __future__ import annotations
@@ -24,182 +34,20 @@ import torch
 from torch import nn
 
 from neuralign.errors import DataError, NeuralignError
-from neuralign.evaluation import iter_batches, to_device, use_channels_last
-from neuralign.merge._util import as_state_dict, check_same_architecture, device_of, split_batch
-from neuralign.merge.basic import _NORMS
+from neuralign.merge._stats import (  # noqa: F401 - re-exported: the names of earlier versions
+    ChannelMoments,
+    batch_moments,
+    batch_norm_train_mode,
+    batches,
+    channel_dim_of,
+    channel_stats,
+    channel_stats_many,
+)
+from neuralign.merge._util import as_state_dict, check_same_architecture, device_of
+from neuralign.merge.repair_targets import LINEAR, default_targets, foldable, residual_blocks
+from neuralign.models.affine import AFFINE_NAME, ChannelAffine, attach_output_affine, output_affine
 
-_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_AFFINE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
-
-
-def _channel_dim(m: nn.Module) -> int:
-    if isinstance(m, nn.Linear):
-        return -1
-    if isinstance(m, nn.LayerNorm):
-        return -len(m.normalized_shape)
-    return 1
-
-
-def _foldable(m: nn.Module) -> bool:
-    if isinstance(m, _LINEAR):
-        return True
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-        return m.affine
-    if isinstance(m, nn.GroupNorm):
-        return m.affine
-    if isinstance(m, nn.LayerNorm):
-        return m.elementwise_affine and getattr(m, "bias", None) is not None
-    return False
-
-
-@torch.no_grad()
-def default_targets(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the modules REPAIR corrects by default (see the module docstring)."""
-    outs: dict[int, str] = {}
-    fed_bn: set[str] = set()
-    order: list[str] = []
-    handles = []
-    named = dict(model.named_modules())
-
-    def post(name):
-        def hook(mod, inp, out):
-            if isinstance(out, torch.Tensor):
-                outs[id(out)] = name
-                order.append(name)
-        return hook
-
-    def pre_bn(mod, inp):
-        src = outs.get(id(inp[0]))
-        if src is not None:
-            fed_bn.add(src)
-
-    for name, m in named.items():
-        if isinstance(m, _LINEAR + _AFFINE_NORMS) and _foldable(m):
-            handles.append(m.register_forward_hook(post(name)))
-        if isinstance(m, _AFFINE_NORMS):
-            handles.append(m.register_forward_pre_hook(pre_bn))
-    was = model.training
-    model.eval()
-    try:
-        y = model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    final = outs.get(id(y))
-    seen, result = set(), []
-    for name in order:
-        if name in seen or name == final or name in fed_bn:
-            continue
-        seen.add(name)
-        result.append(name)
-    return result
-
-
-def batch_moments(y: torch.Tensor, dim: int, scratch: dict | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (biased) variance of ``y`` over every dim but ``dim``, two passes in
-    ``y``'s precision on a ``(samples, channels)`` view (a view for channels-last convolution
-    outputs and linear layers; ``torch.var_mean`` over several dims is many times slower).
-    ``scratch``: a dict that lends the centred copy's memory across calls (a fresh
-    multi-megabyte temporary per call costs page faults)."""
-    z = y.movedim(dim, -1).reshape(-1, y.shape[dim])
-    mean = z.mean(0)
-    buf = None
-    if scratch is not None:
-        key = (z.shape[1], z.dtype, z.device)
-        buf = scratch.get(key)
-        if buf is None or buf.shape[0] < z.shape[0]:
-            buf = scratch[key] = torch.empty_like(z, memory_format=torch.contiguous_format)
-        buf = buf[:z.shape[0]]
-    zc = torch.sub(z, mean, out=buf) if buf is not None else z - mean
-    return mean, zc.mul_(zc).mean(0)
-
-
-class ChannelMoments:
-    """Streaming per-channel mean and variance: each batch's moments (in the activations'
-    precision) merged into float64 totals with Chan et al.'s pairwise update, so large
-    means cost no precision."""
-
-    def __init__(self, scratch: dict | None = None):
-        self.n, self.mean, self.m2 = 0, None, None
-        self.scratch = scratch
-
-    def update(self, y: torch.Tensor, dim: int) -> None:
-        nb = y.numel() // y.shape[dim]
-        mean, var = batch_moments(y, dim, self.scratch)
-        mean, var = mean.double(), var.double()
-        if self.mean is None:
-            self.n, self.mean, self.m2 = nb, mean, var * nb
-            return
-        tot = self.n + nb
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (nb / tot)
-        self.m2 = self.m2 + var * nb + delta * delta * (self.n * nb / tot)
-        self.n = tot
-
-    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean.float(), (self.m2 / self.n).clamp_min(0).sqrt().float()
-
-
-def _batches(loader: Iterable, max_batches: int | None, device=None):
-    """The inputs of (at most ``max_batches`` of) ``loader``; on ``device`` when given, image
-    batches there in channels-last layout on CPU (as the training loop)."""
-    cl = device is not None and use_channels_last(None, device)
-    for i, batch in enumerate(iter_batches(loader)):
-        if max_batches is not None and i >= max_batches:
-            break
-        x = split_batch(batch)[0]
-        yield x if device is None else to_device(x, device, cl)
-
-
-def _forward_all(model: nn.Module, loader: Iterable, max_batches: int | None) -> None:
-    """Feed the inputs of (at most ``max_batches`` of) ``loader`` through ``model``, so that its
-    hooks (or batch-norm layers) see them (no autograd graph)."""
-    with torch.no_grad():
-        for x in _batches(loader, max_batches, device_of(model)):
-            model(x)
-
-
-def channel_stats_many(models: Sequence[nn.Module], loader: Iterable, names: Sequence[str],
-                       max_batches: int | None = None
-                       ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Per-channel mean and standard deviation of the outputs of ``names`` in each model (eval
-    mode), in one pass over ``loader``: every batch goes through all the models in turn, and
-    hooks fold each output into running moments as it is computed."""
-    accs: list[dict[str, ChannelMoments]] = [{} for _ in models]
-    handles, modes = [], [m.training for m in models]
-    scratch: dict = {}
-
-    def hook(acc, name, dim):
-        def f(mod, inp, out):
-            acc.setdefault(name, ChannelMoments(scratch)).update(out, dim)
-        return f
-
-    for model, acc in zip(models, accs):
-        mods = dict(model.named_modules())
-        for n in names:
-            handles.append(mods[n].register_forward_hook(hook(acc, n, _channel_dim(mods[n]))))
-        model.eval()
-    try:
-        with torch.inference_mode():
-            for x in _batches(loader, max_batches, device_of(models[0])):
-                for model in models:
-                    model(x.to(device_of(model)))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, was in zip(models, modes):
-            m.train(was)
-    if not accs[0]:
-        raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
-    return [{n: acc[n].mean_std() for n in names} for acc in accs]
-
-
-def channel_stats(model: nn.Module, loader: Iterable, names: Sequence[str],
-                  max_batches: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and standard deviation of the outputs of ``names`` (eval mode)."""
-    return channel_stats_many([model], loader, names, max_batches)[0]
+__all__ = ["default_targets", "repair", "residual_blocks"]
 
 
 def _fold(m: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
@@ -210,80 +58,135 @@ def _fold(m: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
     shape = [-1] + [1] * (w.dim() - 1)
     w.mul_(scale.view(shape))
     if getattr(m, "bias", None) is None:
-        m.bias = nn.Parameter(torch.zeros(w.shape[0] if isinstance(m, _LINEAR) else w.shape,
+        m.bias = nn.Parameter(torch.zeros(w.shape[0] if isinstance(m, LINEAR) else w.shape,
                                           dtype=w.dtype, device=w.device))
     b = m.bias
     bshape = [-1] + [1] * (b.dim() - 1)
     b.mul_(scale.view(bshape)).add_(shift.view(bshape))
 
 
-@torch.no_grad()
-def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: float = 0.5, *,
-           targets: Sequence[str] | None = None, max_batches: int | None = None,
-           eps: float = 1e-5) -> nn.Module:
-    """REPAIR ``merged`` (= ``(1-t)·a + t·b`` of aligned models) and fold the correction in.
+def _affine(gm: torch.Tensor, gs: torch.Tensor, mu: torch.Tensor, var: torch.Tensor,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel ``(scale, shift)`` taking (mean ``mu``, variance ``var``) to (``gm``,
+    ``gs``²). ``eps`` is relative to the target variance (``scale = gs / sqrt(var + eps·gs²)``),
+    so a unit already at its target is left alone up to ``eps/2`` whatever its magnitude; a
+    constant unit (``var = gs = 0``) is only shifted."""
+    den = (var + eps * gs * gs).sqrt()
+    scale = torch.where(den > 0, gs / den.clamp_min(torch.finfo(den.dtype).tiny),
+                        torch.ones_like(den))
+    return scale, gm - mu * scale
 
-    Returns a new model with ``merged``'s architecture and state-dict keys (a Conv/Linear
-    without bias that must be shifted gains a ``bias``). Batch-norm running statistics are
-    reset in the same pass. ``targets`` overrides the corrected module names.
-    """
+
+def _check_inputs(a, b, merged):
     for m in (a, b, merged):
         if not isinstance(m, nn.Module):
             raise TypeError("repair() takes nn.Module models (load state dicts into a model first)")
-    check_same_architecture([as_state_dict(a), as_state_dict(b), as_state_dict(merged)])
+    # block-output affines of an earlier REPAIR are part of a model's function, not of its
+    # architecture: a REPAIRed model can be REPAIRed again (the corrections compose)
+    check_same_architecture([{k: v for k, v in as_state_dict(m).items()
+                              if f".{AFFINE_NAME}." not in k} for m in (a, b, merged)])
+
+
+@torch.no_grad()
+def repair(a: nn.Module, b: nn.Module, merged: nn.Module, loader: Iterable, t: float = 0.5, *,
+           targets: Sequence[str] | None = None, blocks: Sequence[str] | None = None,
+           max_batches: int | None = None, eps: float = 1e-5) -> nn.Module:
+    """REPAIR ``merged`` (= ``(1-t)·a + t·b`` of aligned models); returns a new model.
+
+    ``targets``: modules whose outputs are corrected and folded into their weights (default:
+    :func:`default_targets`). ``blocks``: residual blocks whose outputs are corrected through an
+    explicit per-channel affine (default: :func:`residual_blocks`, all of them; ``[]`` for none,
+    which leaves the architecture and state-dict keys exactly ``merged``'s). A Conv/Linear
+    without bias that must be shifted gains a ``bias``. Batch-norm running statistics are
+    reset in the same pass. Passes over ``loader``: one for the statistics of ``a`` and ``b``
+    (together), one for the correction of the merged model.
+    """
+    _check_inputs(a, b, merged)
     c = copy.deepcopy(merged)
     mods = dict(c.named_modules())
-    if targets is None:
-        x0 = next(_batches(loader, 1), None)
+    if targets is None or blocks is None:
+        x0 = next(batches(loader, 1), None)
         if x0 is None:
             raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
-        targets = default_targets(c, x0.to(device_of(c)))
-    bad = [n for n in targets if n not in mods or not _foldable(mods[n])]
+        x0 = x0[:2].to(device_of(c))  # finding the places needs shapes, not statistics
+        if targets is None:
+            targets = default_targets(c, x0)
+        if blocks is None:
+            blocks = residual_blocks(c, x0)
+    targets, blocks = list(targets), list(blocks)
+    bad = [n for n in targets if n not in mods or not foldable(mods[n])]
     if bad:
         raise NeuralignError(f"cannot REPAIR modules {bad[:3]}: not a Conv/Linear/affine norm layer")
-    sa, sb = channel_stats_many([a, b], loader, targets, max_batches)
-    goal = {n: ((1 - t) * sa[n][0] + t * sb[n][0], (1 - t) * sa[n][1] + t * sb[n][1]) for n in targets}
+    bad = [n for n in blocks if n not in mods or n == "" or n in targets]
+    if bad:
+        raise NeuralignError(f"cannot wrap {bad[:3]} as residual blocks: not a sub-module of the "
+                             "model, or already a folded target")
+    names = targets + blocks
+    sa, sb = channel_stats_many([a, b], loader, names, max_batches)
+    goal = {n: ((1 - t) * sa[n][0].double() + t * sb[n][0].double(),
+                (1 - t) * sa[n][1].double() + t * sb[n][1].double()) for n in names}
+    for n in blocks:  # identity affines first: their hooks run before the correcting ones
+        attach_output_affine(mods[n], int(goal[n][0].shape[0]))
+    seen, n_batches = _correction_pass(c, mods, names, goal, loader, max_batches, eps,
+                                       set(blocks))
+    if not n_batches:
+        raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
+    for n in names:
+        mu, var = seen[n].mean_var()
+        scale, shift = _affine(*goal[n], mu, var, eps)
+        _fold(output_affine(mods[n]) if n in blocks else mods[n], scale.float(), shift.float())
+    return c.eval()
 
-    run: dict[str, list] = {}
-    handles = []
+
+def _correction_pass(c, mods, names, goal, loader, max_batches, eps, blocks=frozenset()
+                     ) -> tuple[dict, int]:
+    """One pass over ``loader`` through ``c`` (eval mode, batch norms resetting in train
+    mode): each named output is corrected in place with its batch's statistics, and the exact
+    moments of the uncorrected outputs are accumulated for the fold."""
+    seen: dict = {}
     scratch: dict = {}
+    handles = []
 
     def hook(name, dim):
+        gm, gs = goal[name]
+
         def f(mod, inp, out):
+            if name in blocks and out.dim() not in (2, 4, 5):
+                raise NeuralignError(f"block {name!r} outputs shape {list(out.shape)}; REPAIR "
+                                     "wraps blocks with (N, C), (N, C, H, W) or (N, C, D, H, W) "
+                                     "outputs only: leave it out of blocks=")
             mu, var = batch_moments(out, dim, scratch)
-            nb = out.numel() // out.shape[dim]
-            r = run.setdefault(name, [0.0, 0.0, 0])
-            r[0] = r[0] + mu.double()
-            r[1] = r[1] + var.double() * nb / max(nb - 1, 1)
-            r[2] += 1
-            gm, gs = goal[name]
-            scale = gs.to(out.dtype) / (var + eps).sqrt()
-            shift = gm.to(out.dtype) - mu * scale
+            acc = seen.setdefault(name, ChannelMoments())
+            acc.merge(mu, var, out.numel() // out.shape[dim])
+            scale, shift = _affine(gm.to(out.dtype), gs.to(out.dtype), mu, var, eps)
             shape = [1] * out.dim()
             shape[dim] = -1
-            return out.mul_(scale.view(shape)).add_(shift.view(shape))  # a fresh output: in place
+            return out.mul_(scale.view(shape)).add_(shift.view(shape))  # a fresh output
         return f
 
-    for n in targets:
-        handles.append(mods[n].register_forward_hook(hook(n, _channel_dim(mods[n]))))
-    bns = [m for m in c.modules() if isinstance(m, _NORMS)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    c.train()
+    def bn_input(acc):
+        def f(mod, inp):
+            acc.update(inp[0], 1)
+        return f
+
+    for n in names:
+        m = mods[n]
+        dim = 1 if isinstance(output_affine(m), ChannelAffine) else channel_dim_of(m)
+        handles.append(m.register_forward_hook(hook(n, dim)))
     try:
-        _forward_all(c, loader, max_batches)
+        with batch_norm_train_mode(c) as bns, torch.no_grad():
+            inputs = [ChannelMoments(scratch) for _ in bns]
+            handles += [m.register_forward_pre_hook(bn_input(acc)) for m, acc in zip(bns, inputs)]
+            n_batches = 0
+            for x in batches(loader, max_batches, device_of(c)):
+                c(x)
+                n_batches += 1
     finally:
         for h in handles:
             h.remove()
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-    c.eval()
-    for n in targets:
-        s1, s2, k = run[n]
-        rm, rv = (s1 / k).float(), (s2 / k).float()
-        gm, gs = goal[n]
-        scale = gs / (rv + eps).sqrt()
-        _fold(mods[n], scale, gm - rm * scale)
-    return c
+    for m, acc in zip(bns, inputs):  # eval mode then sees exactly what train mode saw
+        if acc.mean is not None:
+            mean, var = acc.mean_var()
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+    return seen, n_batches

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,14 +47,21 @@ def greedy_soup(models: Sequence[nn.Module], loader: Iterable, *,
 
     The soup is never worse on ``loader`` than the best single model (ties keep the model, as
     Wortsman et al.'s ``>=``). ``weights`` in the result are the uniform weights of the kept models.
+    Every model scored (the single models that set the order, the first ingredient and every
+    candidate soup) is scored the same way: with its batch-norm statistics re-estimated on
+    ``bn_loader`` when one is given, as it is, otherwise.
     """
     if not models:
         raise ValueError("greedy_soup needs at least one model")
     check_same_architecture([as_state_dict(m) for m in models])
-    scores = [_score(m, loader, evaluate, None)[0] for m in models]
+    singles = [_score(m, loader, evaluate, bn_loader) for m in models]
+    scores = [s[0] for s in singles]
     order = sorted(range(len(models)), key=lambda i: -scores[i])
     kept = [order[0]]
-    best_acc, best_loss, best_model = _score(models[order[0]], loader, evaluate, None)
+    best_acc, best_loss, best_model = singles[order[0]]
+    singles = None  # the other scored copies are not needed any more
+    if best_model is models[order[0]]:
+        best_model = copy.deepcopy(best_model)  # the result never aliases an input
     for i in order[1:]:
         cand = average([models[j] for j in kept + [i]])
         acc, loss, cand = _score(cand, loader, evaluate, bn_loader)
@@ -137,8 +145,6 @@ def learned_soup(models: Sequence[nn.Module], loader: Iterable, *, per_layer: bo
 
 
 def _frozen_copy(m: nn.Module) -> nn.Module:
-    import copy
-
     c = copy.deepcopy(m)
     for p in c.parameters():
         p.requires_grad_(False)

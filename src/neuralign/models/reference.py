@@ -1,5 +1,9 @@
 """Small reference models: MLP, VGG, ResNet-20 (width multiplier, BN / LN / no norm), small CNN.
 
+``norm="ln"`` in the convolutional models is a channel-only LayerNorm (:class:`LayerNorm2d`);
+``norm="gn1"`` is GroupNorm with one group (over C, H, W), what ``"ln"`` built before
+architecture version 2 (see ``neuralign.models.registry``).
+
 All take image tensors ``(N, C, H, W)``; the MLP flattens whatever it is given. Every model ends
 in a module named ``classifier`` (the head), and its blocks are its top-level children in order.
 """
@@ -11,16 +15,31 @@ from torch import nn
 from neuralign.errors import NeuralignError
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an ``(N, C, H, W)`` map at every position (as REPAIR's
+    ``LayerNorm2d`` and Git Re-Basin's ResNets), with a per-channel affine. A subclass of
+    ``nn.LayerNorm`` so that code treating norm layers specially (freezing, refusals) sees it;
+    its channel axis is 1, not the last."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__(channels, eps=eps)
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def _norm2d(kind: str, channels: int) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm2d(channels)
     if kind == "ln":
-        # LayerNorm over channels at every position (GroupNorm with one group normalises over
-        # C, H, W; that is the "LN" of the REPAIR and Git Re-Basin ResNets).
+        return LayerNorm2d(channels)
+    if kind == "gn1":
+        # GroupNorm with one group normalises over C, H and W together: the "ln" of
+        # neuralign before channel-only LayerNorm (old checkpoints are rebuilt with it)
         return nn.GroupNorm(1, channels)
     if kind in ("none", None):
         return nn.Identity()
-    raise NeuralignError(f"norm must be 'bn', 'ln' or 'none', got {kind!r}")
+    raise NeuralignError(f"norm must be 'bn', 'ln', 'gn1' or 'none', got {kind!r}")
 
 
 def _kaiming_init(model: nn.Module) -> None:
@@ -41,6 +60,8 @@ class MLP(nn.Module):
         super().__init__()
         if depth < 1 or width < 1:
             raise NeuralignError("MLP needs depth >= 1 and width >= 1")
+        if norm not in ("none", None, "ln", "bn"):
+            raise NeuralignError(f"MLP norm must be 'bn', 'ln' or 'none', got {norm!r}")
         self.flatten = nn.Flatten()
         layers: list[nn.Module] = []
         d = in_features
@@ -88,7 +109,7 @@ class VGG(nn.Module):
                     layers.append(nn.MaxPool2d(2))
                     size //= 2
                 continue
-            out = max(1, int(round(v * width)))
+            out = max(1, round(v * width))
             layers.append(nn.Sequential(nn.Conv2d(c, out, 3, padding=1), _norm2d(norm, out),
                                         nn.ReLU()))
             c = out

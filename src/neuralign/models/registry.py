@@ -16,6 +16,13 @@ from neuralign.models.reference import MLP, VGG, ResNet20, SmallCNN
 
 _CONFIG_ATTR = "_neuralign_config"
 
+# Architecture version of the reference models, recorded with every config (and so in every
+# checkpoint). 2: ``norm="ln"`` in the convolutional models is a channel-only LayerNorm; before
+# (no version recorded) it was GroupNorm(1, C), now ``norm="gn1"``. Same tensors, another
+# function: checkpoints without a version are rebuilt as what they were (``rebuild_kwargs``).
+ARCH_VERSION = 2
+_CONV_REFERENCE = ("vgg11", "vgg16", "resnet20", "cnn")
+
 
 def _mlp(num_classes=10, in_channels=1, image_size=8, in_features=None, **kw):
     if in_features is None:
@@ -109,16 +116,41 @@ def get_model(name: str, *, seed: int | None = None, weights=None, allow_pickle:
     recorded = copy.deepcopy(kwargs)
     if weights not in (None, False):
         recorded["weights"] = str(weights)
-    setattr(model, _CONFIG_ATTR, {"name": name, "kwargs": recorded})
+    setattr(model, _CONFIG_ATTR, _config(name, recorded))
     return model
 
 
+def _config(name: str, kwargs: dict) -> dict:
+    cfg = {"name": name, "kwargs": kwargs}
+    if name in REFERENCE_MODELS:
+        cfg["version"] = ARCH_VERSION
+    return cfg
+
+
+def rebuild_kwargs(name: str, kwargs: dict, version: int | None) -> dict:
+    """The constructor kwargs that rebuild a checkpoint's model from its recorded config
+    (``version`` as recorded; None when absent). A convolutional reference model recorded with
+    ``norm="ln"`` and no version was built with GroupNorm(1, C): it is rebuilt with
+    ``norm="gn1"``, the same function, and a warning says so."""
+    kwargs = dict(kwargs)
+    if (name in _CONV_REFERENCE and kwargs.get("norm") == "ln"
+            and (version is None or int(version) < 2)):
+        import warnings
+
+        warnings.warn(f"this {name} checkpoint predates channel-only LayerNorm (architecture "
+                      "version 2): its norm='ln' was GroupNorm(1, C), so it is rebuilt with "
+                      "norm='gn1' (the function it was trained as)", UserWarning, stacklevel=3)
+        kwargs["norm"] = "gn1"
+    return kwargs
+
+
 def model_config(model: nn.Module) -> dict | None:
-    """How ``model`` was built (``{"name", "kwargs"}``), or None if not built by ``get_model``."""
+    """How ``model`` was built (``{"name", "kwargs"}``, and ``"version"`` for reference models),
+    or None if not built by ``get_model``."""
     cfg = getattr(model, _CONFIG_ATTR, None)
     return copy.deepcopy(cfg) if cfg is not None else None
 
 
 def set_model_config(model: nn.Module, name: str, kwargs: dict) -> nn.Module:
-    setattr(model, _CONFIG_ATTR, {"name": name, "kwargs": copy.deepcopy(kwargs)})
+    setattr(model, _CONFIG_ATTR, _config(name, copy.deepcopy(kwargs)))
     return model

@@ -59,6 +59,10 @@ def load_strict(model: nn.Module, sd: Mapping, source: str, *, new_head: str | N
     """Load ``sd`` into ``model`` strictly (see the module's docstring). ``new_head``: the head
     module's name when a fresh head of another size is wanted. The prefixes that
     ``nn.DataParallel`` and ``torch.compile`` put on every key are removed first."""
+    from neuralign.models.affine import attach_saved_affines
+
+    # a REPAIRed model's block-output affines (neuralign.models.affine): attached, then loaded
+    attach_saved_affines(model, unwrap(sd, model.state_dict()))
     own = model.state_dict()
     sd = unwrap(sd, own)
     head_keys = set()
