@@ -7,6 +7,8 @@ images and cached; then, on the full 10,000-image test set, naive / weight match
 matching, each plain / BN reset / REPAIR, along 11 points of the linear path.
 
     python benchmarks/lmc_scale.py                  # train what is missing, measure, report
+    python benchmarks/lmc_scale.py --remeasure      # the same, and re-measure rows that an
+                                                    # older src/ measured (resumes everything)
     python benchmarks/lmc_scale.py --settings resnet20x1-bn,vgg11x0.25-bn
     python benchmarks/lmc_scale.py --reuse          # = --measure-only: cached models only
     python benchmarks/lmc_scale.py --reuse --remeasure   # re-measure rows made by older src/
