@@ -91,11 +91,17 @@ def training_section(results) -> list[str]:
     return lines
 
 
+def measured_at(rows) -> str:
+    return ", ".join(sorted({x["revision"]["commit"] for x in rows}))
+
+
 def barrier_section(name, r) -> list[str]:
     rows = r["rows"]
     lines = [f"### {name}", "",
              (f"{len(rows)} seed pair(s): {', '.join(str(tuple(x['pair'])) for x in rows)}. "
-             f"End-point test accuracy {fmt([e['accuracy'] for x in rows for e in x['ends']], 100, 2)} %."),
+              f"End-point test accuracy "
+              f"{fmt([e['accuracy'] for x in rows for e in x['ends']], 100, 2)} %. "
+              f"Measured at {measured_at(rows)}."),
              "", ("| method | loss barrier | accuracy barrier (points) | test acc at t = 0.5 (%) | "
              "align time (s) |"), "|---|---|---|---|---|"]
     for m in methods(rows):
@@ -123,8 +129,10 @@ def width_table(results, group) -> list[str]:
     if not items:
         return []
     ms = [m for m in methods(items[0][2]["rows"])]
+    revs = measured_at([x for _, _, r in items for x in r["rows"]])
     lines = [f"### Barrier vs width: {GROUP_TITLES.get(group, group)}", "",
-             "Loss barrier (accuracy barrier in points below it), mean ± SE over seed pairs.", "",
+             ("Loss barrier (accuracy barrier in points below it), mean ± SE over seed pairs. "
+             f"Measured at {revs}."), "",
              "| width | pairs | " + " | ".join(ms) + " |", "|---|---|" + "---|" * len(ms)]
     for w, n, r in items:
         rows = r["rows"]
