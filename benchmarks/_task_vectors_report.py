@@ -141,7 +141,8 @@ def write_report(results: dict, info: dict, CFG: dict, OUT: Path, SEEDS=(0, 1, 2
           "over the classes under the model's own predictions, one backward per class) for "
           "'Fisher merge' (Matena & Raffel: each model's Fisher divided by its L2 norm, floor "
           "1e-6 on every model since no task is the target), the empirical Fisher (true labels, "
-          "no normalisation) for the second Fisher row. Wall time, summed over the {len(seeds)} seeds "
+          "no normalisation) for the second Fisher row. Wall time, summed over the "
+          f"{len(seeds)} seeds "
           f"({nft} of {len(seeds) * (len(names) + 1)} fine-tunes timed when trained): "
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in tm.items())
           + f"; peak RSS {info['rss_gb']:.1f} GB. Fine-tuned weights are cached under "
