@@ -78,6 +78,58 @@ def _teardown(procs):
     return [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+class _Deployment:
+    """Flower processes on loopback: ``flwr`` finds the local SuperLink at ``link_port`` through
+    ``home``; every process logs to ``tmp_path/<name>.log``; all are torn down on exit (what
+    survives the teardown is kept in ``survivors``)."""
+
+    def __init__(self, tmp_path, home, link_port, deadline):
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = '
+            f'"127.0.0.1:{link_port}"\ninsecure = true\n')
+        self.env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                        PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                        FLWR_HOME=str(home), OMP_NUM_THREADS="1")
+        self.tmp, self.port, self.deadline = tmp_path, link_port, deadline
+        self.procs, self.logs, self.survivors = [], [], None
+
+    def start(self, name, args):
+        log = open(self.tmp / f"{name}.log", "a")  # noqa: SIM115 - closed in __exit__
+        self.logs.append(log)
+        self.procs.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log,
+                                           stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp))
+        return self.procs[-1]
+
+    def start_link(self, tag="", *extra):
+        link = self.start(f"superlink{tag}", ["flower-superlink", "--insecure",
+                                              "--disable-runtime-dependency-installation",
+                                              *extra, "--host", "127.0.0.1",
+                                              "--port", str(self.port)])
+        assert _wait_port(self.port, link, self.deadline), \
+            (self.tmp / f"superlink{tag}.log").read_text()[-2000:]
+        return link
+
+    def start_node(self, i, port, node_config):
+        return self.start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink",
+                                            f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+                                            "--port", str(port), "--node-config", node_config])
+
+    def flwr_run(self, app, *extra):
+        run = subprocess.run([str(BIN / "flwr"), "run", str(app), "local", *extra],
+                             env=self.env, check=False, capture_output=True, text=True,
+                             timeout=120, cwd=self.tmp)
+        assert "Successfully started run" in run.stdout, run.stdout + run.stderr
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.survivors = _teardown(self.procs)
+        for log in self.logs:
+            log.close()
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists() or not (BIN / "flwr").exists(),
                     reason="Flower's flower-superlink / flwr executables are not installed")
@@ -88,46 +140,18 @@ def test_superlink_and_two_supernodes_run_fedpfn(tmp_path):
     home.mkdir()
     write_flower_app(app, dict(RUN_CONFIG, **{"task.output": str(out)}), name="neuralign-fl-test")
     link_port, n0, n1 = _free_ports(3)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\n'
-        "insecure = true\n")
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               FLWR_HOME=str(home), OMP_NUM_THREADS="1")
-    deadline = time.time() + DEADLINE_S
-    procs, logs = [], []
-
-    def start(name, args):
-        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed in the finally
-        logs.append(log)
-        procs.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log,
-                                      stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
-        return procs[-1]
-
-    try:
-        link = start("superlink", ["flower-superlink", "--insecure",
-                                   "--disable-runtime-dependency-installation",
-                                   "--host", "127.0.0.1", "--port", str(link_port)])
-        assert _wait_port(link_port, link, deadline), (tmp_path / "superlink.log").read_text()[-2000:]
+    with _Deployment(tmp_path, home, link_port, time.time() + DEADLINE_S) as d:
+        link = d.start_link()
         for i, port in enumerate([n0, n1]):
-            start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink",
-                                    f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port",
-                                    str(port), "--node-config",
-                                    f"partition-id={i} num-partitions=2"])
-        run = subprocess.run([str(BIN / "flwr"), "run", str(app), "local"], env=env, check=False,
-                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        assert "Successfully started run" in run.stdout, run.stdout + run.stderr
-        while not out.exists() and time.time() < deadline:
+            d.start_node(i, port, f"partition-id={i} num-partitions=2")
+        d.flwr_run(app)
+        while not out.exists() and time.time() < d.deadline:
             assert link.poll() is None, "the SuperLink died"
             time.sleep(1)
         assert out.exists(), f"no result within {DEADLINE_S}s; superlink log: " + \
             (tmp_path / "superlink.log").read_text()[-2000:]
         hist = json.loads(out.read_text())
-    finally:
-        survivors = _teardown(procs)
-        for log in logs:
-            log.close()
-    assert survivors == [], f"processes left running: {survivors}"
+    assert d.survivors == [], f"processes left running: {d.survivors}"
     assert hist["finished"] and hist["strategy"] == "fedpfn" and hist["round"] == [0, 1, 2]
     assert hist["participants"] == {"1": 2, "2": 2} and hist["failures"] == {}
     assert hist["accuracy"][-1] > hist["accuracy"][0] + 0.2, hist["accuracy"]
@@ -209,52 +233,19 @@ def test_lost_supernode_and_killed_server_resume_on_the_deployment_engine(tmp_pa
                                            node_timeout=30.0, checkpoint_dir=str(ck)),
                      name="neuralign-fl-faults")
     link_port, *node_ports = _free_ports(4)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\n'
-        "insecure = true\n")
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               FLWR_HOME=str(home), OMP_NUM_THREADS="1")
-    deadline = time.time() + 2 * DEADLINE_S
-    procs, logs = [], []
-
-    def start(name, args):
-        log = open(tmp_path / f"{name}.log", "a")  # noqa: SIM115 - closed in the finally
-        logs.append(log)
-        procs.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log,
-                                      stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
-        return procs[-1]
-
-    def start_link(tag):  # its state in a file: a restarted SuperLink knows its SuperNodes
-        link = start(f"superlink{tag}", ["flower-superlink", "--insecure",
-                                         "--disable-runtime-dependency-installation",
-                                         "--database", str(tmp_path / "superlink.db"),
-                                         "--host", "127.0.0.1", "--port", str(link_port)])
-        assert _wait_port(link_port, link, deadline), \
-            (tmp_path / f"superlink{tag}.log").read_text()[-2000:]
-        return link
-
-    def flwr_run(*extra):
-        run = subprocess.run([str(BIN / "flwr"), "run", str(app), "local", *extra], env=env,
-                             check=False, capture_output=True, text=True, timeout=120,
-                             cwd=tmp_path)
-        assert "Successfully started run" in run.stdout, run.stdout + run.stderr
-
-    try:
-        link = start_link("")
-        nodes = [start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink",
-                                          f"127.0.0.1:{link_port}", "--host", "127.0.0.1",
-                                          "--port", str(port), "--node-config",
-                                          f'data-path="{f}" partition-id={i}'])
+    db = ("--database", str(tmp_path / "superlink.db"))  # a restarted SuperLink knows its nodes
+    with _Deployment(tmp_path, home, link_port, time.time() + 2 * DEADLINE_S) as d:
+        link = d.start_link("", *db)
+        nodes = [d.start_node(i, port, f'data-path="{f}" partition-id={i}')
                  for i, (f, port) in enumerate(zip(files, node_ports))]
         _wait_for(lambda: (tmp_path / "superlink.log").read_text().count("Activated node_id")
-                  >= 3, deadline, [link, *nodes], "the three SuperNodes to connect")
-        flwr_run()
+                  >= 3, d.deadline, [link, *nodes], "the three SuperNodes to connect")
+        d.flwr_run(app)
         _wait_for(lambda: (_history(ck / "history.json") or {}).get("round", [0])[-1] >= 1,
-                  deadline, [link], "round 1")
+                  d.deadline, [link], "round 1")
         _kill_tree(nodes[2])  # a node lost after round 1
-        before = _wait_for(lambda: (h := _history(ck / "history.json")) and
-                           h["round"][-1] >= 2 and h, deadline, [link], "round 2")
+        _wait_for(lambda: (h := _history(ck / "history.json")) and h["round"][-1] >= 2 and h,
+                  d.deadline, [link], "round 2")
         _kill_tree(link)  # the server machine goes down (SuperLink and ServerApp)
         assert not out.exists()
         before = _history(ck / "history.json")  # the last checkpoint written
@@ -264,17 +255,13 @@ def test_lost_supernode_and_killed_server_resume_on_the_deployment_engine(tmp_pa
                     for i in (0, 1)]
 
         was = reconnects()
-        link = start_link("-restarted")
-        _wait_for(lambda: all(n > w for n, w in zip(reconnects(), was)), deadline,
+        link = d.start_link("-restarted", *db)
+        _wait_for(lambda: all(n > w for n, w in zip(reconnects(), was)), d.deadline,
                   [link, *nodes[:2]], "the two SuperNodes to reconnect")
-        flwr_run("--run-config", "resume=true")
-        _wait_for(out.exists, deadline, [link], "the resumed run's result")
+        d.flwr_run(app, "--run-config", "resume=true")
+        _wait_for(out.exists, d.deadline, [link], "the resumed run's result")
         hist = json.loads(out.read_text())
-    finally:
-        survivors = _teardown(procs)
-        for log in logs:
-            log.close()
-    assert survivors == [], f"processes left running: {survivors}"
+    assert d.survivors == [], f"processes left running: {d.survivors}"
     k = before["round"][-1]
     assert hist["finished"] and hist["round"] == [0, 1, 2, 3, 4]
     assert hist["resumed_at"] == [k]
