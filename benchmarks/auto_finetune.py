@@ -352,6 +352,8 @@ def main(argv=None):
     ap.add_argument("--no-shots", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="worker processes, one torch thread each (default: every core)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = dict(SMOKE if args.smoke else FULL)
@@ -369,10 +371,10 @@ def main(argv=None):
     tasks, meta = make_tasks(cfg)
     t0 = time.perf_counter()
     if not args.report_only:
-        for seed in seeds:  # the per-seed unit: P.run_seed, mappable over processes
-            for name, task in tasks.items():
-                P.run_seed(proto, methods(cfg, args.bn, name), seed, task, store=store, key=name)
-            print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        jobs = [(name, seed, methods(cfg, args.bn, name), task)
+                for seed in seeds for name, task in tasks.items()]
+        P.run_seeds(proto, jobs, store, workers=args.workers)
+        print(f"all units done ({time.perf_counter() - t0:.0f} s)", flush=True)
     report(store, proto, cfg, meta, out, args.smoke)
 
 

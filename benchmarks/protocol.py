@@ -173,6 +173,69 @@ def run_seed(protocol: Protocol, methods: Sequence[Method], seed: int, task: Any
     return out
 
 
+def _seed_unit(protocol: Protocol, methods: Sequence[Method], seed: int, task: Any, key: str,
+               shard: str, prior: dict[str, Any]) -> dict[str, Any]:
+    """Worker side of :func:`run_seeds`: one (task, seed) unit into its own shard store (so a
+    killed worker resumes method by method), returned as plain store entries."""
+    store = ResultStore(shard)
+    for k, v in prior.items():
+        if k not in store:
+            store.data[k] = v
+    run_seed(protocol, methods, seed, task, store=store, key=key)
+    return store.data
+
+
+def run_seeds(protocol: Protocol, jobs: Sequence[tuple[str, int, Sequence[Method], Any]],
+              store: ResultStore, workers: int | None = None,
+              log: Callable[[str], None] = print) -> None:
+    """:func:`run_seed` for every ``(key, seed, methods, task)`` job, in ``workers`` processes
+    with one torch thread each (default: the cores this process may use; 1 runs in-process).
+
+    Each job writes its finished methods to a shard file next to ``store`` as it goes; the
+    parent folds a finished job into ``store`` and removes its shard, so an interrupted run
+    resumes (from ``store`` and from the shards) instead of restarting. Methods and tasks must
+    be picklable (module-level functions, ``functools.partial``)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from _parallel import _init_worker, available_cores
+
+    shard_dir = store.path.with_suffix(".shards")
+    t0 = time.perf_counter()
+    todo = []
+    for key, seed, methods, task in jobs:
+        keys = [f"{protocol.name}|{key}|{seed}|{m.label}" for m in methods]
+        if all(k in store for k in keys):
+            continue
+        shard = shard_dir / f"{key.replace('/', '_')}-{seed}.json"
+        prior = {k: store[k] for k in keys if k in store}
+        todo.append((key, seed, methods, task, str(shard), prior))
+    if len(todo) < len(jobs):
+        log(f"[{protocol.name}] {len(jobs) - len(todo)} of {len(jobs)} units from {store.path}")
+
+    def fold(key, seed, data, shard):
+        store.update(data)
+        Path(shard).unlink(missing_ok=True)
+        log(f"[{protocol.name}] {key} seed {seed} done ({time.perf_counter() - t0:.0f} s)")
+
+    workers = available_cores() if workers is None else workers
+    workers = max(1, min(workers, len(todo)))
+    if not todo:
+        return
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    if workers == 1:
+        for key, seed, methods, task, shard, prior in todo:
+            fold(key, seed, _seed_unit(protocol, methods, seed, task, key, shard, prior), shard)
+        return
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(1,)) as pool:
+        futs = {pool.submit(_seed_unit, protocol, methods, seed, task, key, shard, prior):
+                (key, seed, shard) for key, seed, methods, task, shard, prior in todo}
+        for fut in as_completed(futs):
+            key, seed, shard = futs[fut]
+            fold(key, seed, fut.result(), shard)
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -344,6 +407,10 @@ class ResultStore:
         return self.data[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self.data[key] = value
+        self.update({key: value})
+
+    def update(self, entries: Mapping[str, Any]) -> None:
+        """Add ``entries`` and rewrite the file once, atomically."""
+        self.data.update(entries)
         blob = json.dumps(self.data, default=str)
         _atomic_write_bytes(self.path, lambda p: p.write_text(blob))

@@ -310,6 +310,9 @@ def parse(argv=None):
     p.add_argument("--align-batches", type=int, default=None)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes over (domain, seed) units, one torch thread each "
+                        "(default: every core)")
     p.add_argument("--out", default=None)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
@@ -347,6 +350,7 @@ def main(argv=None) -> dict:
     meta: dict = {"pretrain": pt, "anchors": {}, "probe": {}}
     needs_anchor = any(m.startswith("sh_") or m == "rp_anc" for m in methods)
     n_anchor = args.n_anchors if "sh_anc_a6" in methods else 1
+    jobs = []
     for i, target in enumerate(targets):
         sp = split_fn(target)
         task = {"M": M, "train": materialize(sp.train), "val": materialize(sp.val),
@@ -357,12 +361,10 @@ def main(argv=None) -> dict:
             meta["probe"] = {"M": probe_quality(M, sp), "B": probe_quality(B, sp)}
         if needs_anchor and not args.report_only:
             task["anchors"], meta["anchors"][target] = make_anchors(B, task, proto, n_anchor)
-        if args.report_only:
-            continue
-        for seed in proto.seeds:  # the per-seed unit: P.run_seed, mappable over processes
-            P.run_seed(proto, [P.Method(m, partial(dg_run, key=m)) for m in methods], seed, task,
-                       store=store, key=target)
-        print(f"[{target}] done", flush=True)
+        if not args.report_only:
+            rows = [P.Method(m, partial(dg_run, key=m)) for m in methods]
+            jobs += [(target, seed, rows, task) for seed in proto.seeds]
+    P.run_seeds(proto, jobs, store, workers=args.workers)
     report(store, proto, args, meta, targets, methods, out)
     return {"store": store.data, "meta": meta, "out": str(out)}
 
