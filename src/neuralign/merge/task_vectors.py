@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from neuralign.errors import NeuralignError
+from neuralign.merge._select import topk_mask
 from neuralign.merge._util import ModelLike, StateDict, as_state_dict, check_finite, like
 from neuralign.utils import check_same_architecture
 
@@ -142,12 +143,11 @@ def check_task_options(method: str, n_models: int, *, weights=None, density: flo
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``max(1, int(density * numel))`` entries of largest magnitude (TIES' trim)."""
+    """Keep the ``max(1, int(density * numel))`` entries of largest magnitude (TIES' trim; ties at
+    the threshold keep the lowest flat indices)."""
     if density >= 1.0:
         return delta
-    k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    mask[torch.topk(delta.abs().reshape(-1), k, sorted=False).indices] = True
+    mask = topk_mask(delta.abs().reshape(-1), max(1, int(density * delta.numel())))
     return delta * mask.reshape(delta.shape)
 
 
@@ -178,18 +178,17 @@ def _chunks(n: int, chunk: int):
 
 
 def _topk_mask(b: torch.Tensor, x: torch.Tensor, density: float, work, chunk: int):
-    """TIES' trim as a flat keep-mask: the ``max(1, int(density * n))`` largest ``|x - b|``."""
+    """TIES' trim as a flat keep-mask: the ``max(1, int(density * n))`` largest ``|x - b|``
+    (among equal magnitudes at the threshold, the lowest flat indices; see
+    :func:`neuralign.merge._select.topk_mask`)."""
     n = b.numel()
     if density >= 1.0:
         return None
     mag = torch.empty(n, dtype=work)
     for s, e in _chunks(n, chunk):
-        mag[s:e] = (x[s:e].to(work) - b[s:e].to(work)).abs()
-    idx = torch.topk(mag, max(1, int(density * n)), sorted=False).indices
-    del mag
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[idx] = True
-    return mask
+        torch.sub(x[s:e].to(work), b[s:e].to(work), out=mag[s:e])
+        mag[s:e].abs_()
+    return topk_mask(mag, max(1, int(density * n)))
 
 
 def _l1_factor(b, x, mask, work, chunk: int) -> float:
@@ -288,7 +287,7 @@ def merge_tensor(key: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], 
             else:
                 mixed = (stack * w).sum(0)
             oc = bc + scale * mixed
-        out[s:e] = oc.to(base.dtype)
+        out[s:e].copy_(oc)  # rounds like .to(base.dtype), without the temporary
     return out.reshape(base.shape)
 
 
