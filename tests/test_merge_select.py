@@ -142,3 +142,22 @@ def test_worker_failure_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
     with pytest.raises(Exception, match="workers"):
         merge_checkpoints(paths[1:], out, workers=0)
+
+
+def test_merge_package_exports_resolve_lazily():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import neuralign.merge as m
+
+    assert sorted(m.__all__) == sorted(m._WHERE)
+    assert all(getattr(m, n) is not None for n in m.__all__)
+    with pytest.raises(AttributeError):
+        m.no_such_name  # noqa: B018
+    # the out-of-core merge does not import optimal transport (POT, scikit-learn)
+    code = "import sys, neuralign.merge.sharded; print('ot' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(Path(m.__file__).parents[2])}
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True).stdout.strip() == "False"
