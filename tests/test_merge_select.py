@@ -161,3 +161,23 @@ def test_merge_package_exports_resolve_lazily():
     env = {**os.environ, "PYTHONPATH": str(Path(m.__file__).parents[2])}
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           check=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("elect", ["sum", "count"])
+def test_elect_and_mean_equals_the_boolean_formulation(elect):
+    from neuralign.merge.task_vectors import _elect_and_mean
+
+    g = torch.Generator().manual_seed(2)
+    deltas = torch.randn(3, 5000, generator=g)
+    deltas[:, ::7] = 0.0  # trimmed entries, some all-zero columns
+    deltas[1, ::3] = -deltas[0, ::3]  # exact cancellations: ref == 0
+    for weights in ([1.0, 1.0, 1.0], [0.5, -1.0, 2.0], [1.0, 0.0, 1.0]):
+        w = torch.tensor(weights).reshape(-1, 1)
+        weighted = deltas * w  # the formulation before the float-only rewrite
+        sign = weighted.sign()
+        ref = weighted.sum(0) if elect == "sum" else sign.sum(0)
+        agree = sign == torch.where(ref >= 0, 1.0, -1.0)
+        den = (w * agree).sum(0)
+        old = (weighted * agree).sum(0) / torch.where(den == 0, torch.ones_like(den), den)
+        new = _elect_and_mean(deltas, w, elect)
+        assert torch.equal(new.view(torch.int32), old.view(torch.int32)), weights

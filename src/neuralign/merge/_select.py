@@ -25,6 +25,7 @@ __all__ = ["topk_mask"]
 
 SAMPLE = 1 << 16  # at most about this many sampled entries bracket the threshold
 SMALL = 1 << 15  # below this many entries a stable sort of the whole tensor is cheapest
+CHUNK = 1 << 20  # the passes over the tensor go a chunk of this many entries at a time
 
 
 def sample_step(n: int) -> int:
@@ -67,9 +68,17 @@ def topk_mask(mag: torch.Tensor, k: int) -> torch.Tensor:
     margin = 6.0 * math.sqrt(m * q * (1.0 - q)) + 32.0
     hi = sample[max(0, int(q * m - margin))]
     lo = sample[min(m - 1, math.ceil(q * m + margin))]
-    keep = mag > hi
+    hi, lo = float(hi), float(lo)  # exact: values of mag
+    keep = torch.empty(n, dtype=torch.bool, device=mag.device)
+    parts = []
+    for s in range(0, n, CHUNK):  # chunks: the temporaries stay in cache
+        part = mag[s:s + CHUNK]
+        torch.gt(part, hi, out=keep[s:s + CHUNK])
+        idx = ((part >= lo) & (part <= hi)).nonzero().reshape(-1)
+        if idx.numel():
+            parts.append(idx + s)
     above = int(torch.count_nonzero(keep))
-    inside = ((mag >= lo) & (mag <= hi)).nonzero().reshape(-1)
+    inside = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=mag.device)
     if not above < k <= above + inside.numel():
         return _threshold_mask(mag, k)
     keep[inside[_threshold_mask(mag[inside], k - above)]] = True
