@@ -14,8 +14,16 @@ __all__ = ["default_workers", "ordered"]
 
 
 def default_workers() -> int:
-    """Tensors merged at once by default: one per CPU core, at most 4 (memory grows with it)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Tensors merged at once by default: one per idle CPU core (the cores less the 1-minute
+    load average, rounded), at least 1 and at most 4 (memory grows with it). On a busy machine
+    extra workers only compete for the same cores (a linear merge measured slower with 2
+    workers than with 1 on 2 busy cores)."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:  # no load average on this platform
+        busy = 0
+    return max(1, min(4, cores - busy))
 
 
 def ordered(fn: Callable[[str], torch.Tensor], keys: list[str], workers: int
