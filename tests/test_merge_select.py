@@ -181,3 +181,15 @@ def test_elect_and_mean_equals_the_boolean_formulation(elect):
         old = (weighted * agree).sum(0) / torch.where(den == 0, torch.ones_like(den), den)
         new = _elect_and_mean(deltas, w, elect)
         assert torch.equal(new.view(torch.int32), old.view(torch.int32)), weights
+
+
+def test_default_workers_counts_idle_cores(monkeypatch):
+    from neuralign.merge import _parallel
+
+    monkeypatch.setattr(_parallel.os, "cpu_count", lambda: 2)
+    for load, want in ((0.1, 2), (0.9, 1), (3.0, 1)):
+        monkeypatch.setattr(_parallel.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert _parallel.default_workers() == want
+    monkeypatch.setattr(_parallel.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(_parallel.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert _parallel.default_workers() == 4
