@@ -1,14 +1,21 @@
 """Benchmark: out-of-core merging of sharded Llama-style checkpoints, neuralign vs mergekit.
 
 One command: ``.venv/bin/python benchmarks/merge_scale.py`` -> docs/results/merge_scale.md.
-``--size smoke`` (about 50M parameters, 2 shards) writes docs/results/merge_scale_smoke.md.
+``--size smoke`` (about 50M parameters, 2 shards) writes docs/results/merge_scale_smoke.md,
+``--size mid`` (about 290M, 3 shards) docs/results/merge_scale_mid.md.
 
 Three random checkpoints of one Llama architecture (a base and two "fine-tunes" = base + small
 noise) are written once, tensor by tensor, as sharded bf16 safetensors with a ``config.json`` into
 a temporary directory. Each merge (linear of the two fine-tunes; TIES of both onto the base,
-density 0.2) runs in a fresh process, neuralign then mergekit (``mergekit-yaml``, default
-options) on the same files, one after the other; wall time and the child's peak RSS (``wait4``)
-are recorded, and the two outputs are compared tensor by tensor (max abs difference).
+density 0.2) runs in a fresh process, neuralign and mergekit (``mergekit-yaml``, default
+options) on the same files, one after the other, ``--repeats`` times each in alternating order
+(neuralign first, then mergekit first, ...). Before every timed run the previous output is
+deleted, dirty pages are flushed (``sync``) and every input file is read once, so both tools
+start from the same warm page cache. Recorded per run: wall time, CPU time (user + system) and
+peak RSS (GNU time), and the time to durable output: the wall time plus an fsync of every output
+file afterwards (neuralign fsyncs its shards before it returns; mergekit does not). Medians are
+reported, with the 1-minute load average around the runs; the two outputs are compared tensor
+by tensor (max abs difference, fraction of entries that differ).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +39,7 @@ import torch
 OUT = ROOT / "docs" / "results"
 SIZES = {  # hidden, layers, intermediate, vocab, heads, kv heads, shards
     "smoke": (512, 8, 1408, 32000, 8, 8, 2),
+    "mid": (1024, 20, 2816, 32000, 16, 4, 3),
     "1b": (2048, 22, 5632, 32000, 32, 4, 5),
 }
 
@@ -105,8 +114,8 @@ def write_checkpoint(path: Path, shapes: dict, n_shards: int, seed: int, config:
 TIME = Path("/usr/bin/time")
 
 
-def run_measured(cmd: list[str], env=None) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS bytes of the command and its exit status.
+def run_measured(cmd: list[str], env=None) -> tuple[float, int, int, float]:
+    """Wall seconds, peak RSS bytes, exit status and CPU seconds (user + system) of a command.
 
     The peak is measured by GNU time (``%M``), which forks the command from its own small
     process. ``wait4`` on a child of *this* process would be wrong: Linux folds the peak RSS of
@@ -119,18 +128,51 @@ def run_measured(cmd: list[str], env=None) -> tuple[float, int, int]:
     fd, rss_file = tempfile.mkstemp(prefix="merge_scale_rss_")
     os.close(fd)
     t0 = time.perf_counter()
-    p = subprocess.run([str(TIME), "-f", "%M", "-o", rss_file, *cmd], env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.run([str(TIME), "-f", "%M %U %S", "-o", rss_file, *cmd], env=env,
+                       check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = time.perf_counter() - t0
     text = Path(rss_file).read_text().strip().splitlines()
     os.unlink(rss_file)
     if p.returncode != 0:
         log("FAILED:", " ".join(cmd[:3]), p.stderr.decode()[-2000:])
-    return wall, int(text[-1]) * 1024, p.returncode
+    rss, user, sys_ = text[-1].split()
+    return wall, int(rss) * 1024, p.returncode, float(user) + float(sys_)
 
 
-def neuralign_cmd(method, base, models, out):
+def warm(dirs) -> None:
+    """Flush dirty pages, then read every file of ``dirs`` once (the page cache both tools
+    start from)."""
+    os.sync()
+    for d in dirs:
+        for f in sorted(Path(d).iterdir()):
+            if f.is_file():
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.read(1 << 24):
+                        pass
+
+
+def fsync_tree(path: Path) -> float:
+    """Seconds to fsync every file of ``path`` and the directory itself."""
+    t0 = time.perf_counter()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def neuralign_cmd(method, base, models, out, workers=None):
     opts = {"linear": "weights=[0.5, 0.5]", "ties": "density=0.2"}[method]
+    if workers is not None:
+        opts += f", workers={int(workers)}"
     models_s = [str(m) for m in models]
     base_s = None if method == "linear" else str(base)
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r}); "
@@ -169,10 +211,44 @@ def compare(a: Path, b: Path) -> tuple[float, float]:
     return worst, differ / total
 
 
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def measure(tool: str, method: str, base, models, work: Path, workers=None) -> dict:
+    out = work / f"out_{tool}_{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    warm([base, *models])
+    cmd = (neuralign_cmd(method, base, models, out, workers) if tool == "neuralign"
+           else mergekit_cmd(method, base, models, out, work))
+    before = load()
+    wall, rss, rc, cpu = run_measured(cmd)
+    sync = fsync_tree(out) if rc == 0 else float("nan")
+    r = {"wall": wall, "rss": rss, "rc": rc, "cpu": cpu, "sync": sync, "durable": wall + sync,
+         "load": (before, load()), "out": out}
+    log(f"{method:7s} {tool:9s} {wall:7.1f} s (+{sync:5.1f} s fsync)  CPU {cpu:7.1f} s  "
+        f"peak RSS {rss / 2**20:8.0f} MB  rc {rc}  load {before:.2f}")
+    return r
+
+
+def summarise(method: str, tool: str, runs: list[dict]) -> dict:
+    ok = [r for r in runs if r["rc"] == 0]
+    med = (lambda key: statistics.median(r[key] for r in ok)) if ok else (lambda key: float("nan"))
+    return {"method": method, "tool": tool, "wall_s": med("wall"), "durable_s": med("durable"),
+            "sync_s": med("sync"), "cpu_s": med("cpu"),
+            "walls": [r["wall"] for r in runs], "peak_rss": max(r["rss"] for r in runs),
+            "rc": max(r["rc"] for r in runs), "loads": [x for r in runs for x in r["load"]]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="1b")
     ap.add_argument("--methods", default="linear,ties")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="timed runs per tool and method, in alternating order (default 2)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="neuralign's worker threads (default: its own default, one per core "
+                         "up to 4)")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -183,6 +259,8 @@ def main():
     work = Path(args.workdir or tempfile.mkdtemp(prefix="merge_scale_"))
     has_mk = Path(sys.executable).with_name("mergekit-yaml").exists()
     rows = []
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load0 = os.getloadavg()
     try:
         log(f"writing 3 checkpoints of {n_params / 1e6:.0f}M parameters to {work}")
         base = work / "base"
@@ -197,55 +275,71 @@ def main():
         for tool, code in imports.items():
             if tool == "mergekit" and not has_mk:
                 continue
-            wall, rss, rc = run_measured([sys.executable, "-c", code])
+            wall, rss, rc, cpu = run_measured([sys.executable, "-c", code])
             log(f"imports {tool:9s} {wall:7.1f} s  peak RSS {rss / 2**20:8.0f} MB")
             rows.append({"method": "(imports only)", "tool": tool, "wall_s": wall,
-                         "peak_rss": rss, "rc": rc})
+                         "cpu_s": cpu, "walls": [wall], "peak_rss": rss, "rc": rc})
+        tools = ["neuralign"] + (["mergekit"] if has_mk else [])
         for method in args.methods.split(","):
-            outs = {}
-            tools = [("neuralign", neuralign_cmd)] + ([("mergekit", None)] if has_mk else [])
-            for tool, _ in tools:
-                out = work / f"out_{tool}_{method}"
-                cmd = (neuralign_cmd(method, base, models, out) if tool == "neuralign"
-                       else mergekit_cmd(method, base, models, out, work))
-                wall, rss, rc = run_measured(cmd)
-                log(f"{method:7s} {tool:9s} {wall:7.1f} s  peak RSS {rss / 2**20:8.0f} MB  rc {rc}")
-                rows.append({"method": method, "tool": tool, "wall_s": wall, "peak_rss": rss,
-                             "rc": rc})
-                outs[tool] = out
-            if len(outs) == 2 and all(r["rc"] == 0 for r in rows[-2:]):
-                rows[-1]["max_abs_diff"], rows[-1]["differ"] = compare(outs["neuralign"],
-                                                                       outs["mergekit"])
-            for o in outs.values():
-                shutil.rmtree(o, ignore_errors=True)
+            runs: dict[str, list[dict]] = {t: [] for t in tools}
+            for rep in range(args.repeats):
+                for tool in (tools if rep % 2 == 0 else tools[::-1]):
+                    runs[tool].append(measure(tool, method, base, models, work, args.workers))
+            summary = [summarise(method, t, runs[t]) for t in tools]
+            last = {t: runs[t][-1] for t in tools}
+            if len(last) == 2 and all(r["rc"] == 0 for r in last.values()):
+                summary[-1]["max_abs_diff"], summary[-1]["differ"] = compare(
+                    last["neuralign"]["out"], last["mergekit"]["out"])
+            rows += summary
+            for t in tools:
+                shutil.rmtree(work / f"out_{t}_{method}", ignore_errors=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    name = "merge_scale_smoke.md" if args.size == "smoke" else "merge_scale.md"
+    load1 = os.getloadavg()
+    name = {"smoke": "merge_scale_smoke.md", "mid": "merge_scale_mid.md"}.get(args.size,
+                                                                           "merge_scale.md")
     out = Path(args.out) if args.out else OUT / name
+    loads = [x for r in rows for x in r.get("loads", [])]
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    wflag = f" --workers {args.workers}" if args.workers is not None else ""
     lines = [f"# Out-of-core merge: neuralign vs mergekit ({args.size} size)", "",
-             (f"Command: `python benchmarks/merge_scale.py --size {args.size}`. "
-              f"Llama-style random checkpoints, {n_params / 1e6:.0f}M parameters each "
+             (f"Command: `python benchmarks/merge_scale.py --size {args.size} --repeats "
+              f"{args.repeats}{wflag}`, started {started}. Llama-style random checkpoints, "
+              f"{n_params / 1e6:.0f}M parameters each "
               f"({model_bytes / 2**20:.0f} MB in bf16, {n_shards} shards); a base and two "
-              "fine-tunes. Each merge runs in a fresh process, one after the other, on "
-              f"{os.cpu_count()} CPU cores; peak RSS is the command's own "
-              "maximum resident set size (GNU time), including the interpreter and its "
-              "imports. mergekit 0.1.5 with default options. linear = "
-              "0.5/0.5 of the fine-tunes; TIES = density 0.2, weights 1, onto the base. The "
-              "last columns compare mergekit's output with neuralign's over every tensor "
-              "(neuralign computes in float32, mergekit in the checkpoint's bf16, so TIES "
-              "keeps different entries where bf16 magnitudes tie at the trim threshold)."), ""]
-    if args.size == "smoke":
-        lines += [("**Smoke size only**: the issue's target run (≥1B parameters) is "
-                   "`--size 1b`."), ""]
-    lines += [("| method | tool | wall (s) | peak RSS (MB) | peak RSS / model size | "
-               "max abs diff to neuralign | entries that differ |"),
-              "|---|---|---|---|---|---|---|"]
+              "fine-tunes. Each merge runs in a fresh process on "
+              f"{os.cpu_count()} CPU cores (OMP_NUM_THREADS {threads}), {args.repeats} times per "
+              "tool in alternating order; before every run the previous output is deleted, "
+              "dirty pages are flushed and every input file is read once, so both tools start "
+              "from the same warm page cache. Wall, durable and CPU columns are medians; "
+              "'durable' adds an fsync of every output file after the command returns "
+              "(neuralign fsyncs its shards itself, mergekit does not). Peak RSS is the "
+              "largest over the runs, the command's own maximum resident set size (GNU time), "
+              "including the interpreter and its imports. mergekit 0.1.5 with default "
+              "options. linear = 0.5/0.5 of the fine-tunes; TIES = density 0.2, weights 1, "
+              "onto the base. The last columns compare mergekit's output with neuralign's "
+              "over every tensor (neuralign computes in float32, mergekit in the checkpoint's "
+              "bf16, so TIES keeps different entries where bf16 magnitudes tie at the trim "
+              "threshold)."), "",
+             (f"Machine load (1-minute load average): {load0[0]:.2f} at the start, "
+              f"{min(loads, default=load0[0]):.2f} to {max(loads, default=load0[0]):.2f} "
+              f"around the timed runs, {load1[0]:.2f} at the end."), ""]
+    if args.size != "1b":
+        lines += [(f"**{args.size.capitalize()} size only**: the issue's target run (≥1B "
+                   "parameters) is `--size 1b`."), ""]
+    lines += [("| method | tool | wall (s) | time to durable output (s) | CPU (s) | runs (wall s) "
+               "| peak RSS (MB) | peak RSS / model size | max abs diff to neuralign | "
+               "entries that differ |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = (f"{r['max_abs_diff']:.2e} | {100 * r['differ']:.3f} %" if "max_abs_diff" in r
                 else " | ")
-        lines.append(f"| {r['method']} | {r['tool']} | {r['wall_s']:.1f} | "
-                     f"{r['peak_rss'] / 2**20:.0f} | {r['peak_rss'] / model_bytes:.2f} | {diff} |")
+        durable = f"{r['durable_s']:.1f}" if "durable_s" in r else ""
+        walls = ", ".join(f"{w:.1f}" for w in r["walls"])
+        lines.append(f"| {r['method']} | {r['tool']} | {r['wall_s']:.1f} | {durable} | "
+                     f"{r['cpu_s']:.1f} | {walls} | {r['peak_rss'] / 2**20:.0f} | "
+                     f"{r['peak_rss'] / model_bytes:.2f} | {diff} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     log("wrote", out)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from neuralign.errors import NeuralignError
+from neuralign.merge._select import topk_mask
 from neuralign.merge._util import ModelLike, StateDict, as_state_dict, check_finite, like
 from neuralign.utils import check_same_architecture
 
@@ -142,24 +143,28 @@ def check_task_options(method: str, n_models: int, *, weights=None, density: flo
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``max(1, int(density * numel))`` entries of largest magnitude (TIES' trim)."""
+    """Keep the ``max(1, int(density * numel))`` entries of largest magnitude (TIES' trim; ties at
+    the threshold keep the lowest flat indices)."""
     if density >= 1.0:
         return delta
-    k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    mask[torch.topk(delta.abs().reshape(-1), k, sorted=False).indices] = True
+    mask = topk_mask(delta.abs().reshape(-1), max(1, int(density * delta.numel())))
     return delta * mask.reshape(delta.shape)
 
 
 def _elect_and_mean(deltas: torch.Tensor, w: torch.Tensor, elect: str) -> torch.Tensor:
-    """TIES' sign election and disjoint mean over the first axis of (weighted) ``deltas``."""
+    """TIES' sign election and disjoint mean over the first axis of (weighted) ``deltas``.
+
+    Float arithmetic only (boolean masks and ``torch.where`` are several times slower on CPU);
+    the values are those of the boolean formulation: ``agree`` is exactly 1.0 or 0.0 and a zero
+    denominator becomes exactly 1."""
     weighted = deltas * w
     sign = weighted.sign()
     ref = weighted.sum(0) if elect == "sum" else sign.sum(0)
-    agree = sign == torch.where(ref >= 0, 1.0, -1.0).to(sign.dtype)
+    elected = (ref >= 0).to(deltas.dtype).mul_(2.0).sub_(1.0)  # +1 where ref >= 0, else -1
+    agree = sign.mul_(elected).clamp_(min=0.0)  # 1 where the sign is the elected one, else 0
     num = (weighted * agree).sum(0)
     den = (w * agree).sum(0)
-    return num / torch.where(den == 0, torch.ones_like(den), den)
+    return num / den.add_((den == 0).to(den.dtype))
 
 
 def dare_mask(shape, density: float, seed: int, key: str, index: int) -> torch.Tensor:
@@ -178,18 +183,17 @@ def _chunks(n: int, chunk: int):
 
 
 def _topk_mask(b: torch.Tensor, x: torch.Tensor, density: float, work, chunk: int):
-    """TIES' trim as a flat keep-mask: the ``max(1, int(density * n))`` largest ``|x - b|``."""
+    """TIES' trim as a flat keep-mask: the ``max(1, int(density * n))`` largest ``|x - b|``
+    (among equal magnitudes at the threshold, the lowest flat indices; see
+    :func:`neuralign.merge._select.topk_mask`)."""
     n = b.numel()
     if density >= 1.0:
         return None
     mag = torch.empty(n, dtype=work)
     for s, e in _chunks(n, chunk):
-        mag[s:e] = (x[s:e].to(work) - b[s:e].to(work)).abs()
-    idx = torch.topk(mag, max(1, int(density * n)), sorted=False).indices
-    del mag
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[idx] = True
-    return mask
+        torch.sub(x[s:e].to(work), b[s:e].to(work), out=mag[s:e])
+        mag[s:e].abs_()
+    return topk_mask(mag, max(1, int(density * n)))
 
 
 def _l1_factor(b, x, mask, work, chunk: int) -> float:
@@ -272,23 +276,21 @@ def merge_tensor(key: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], 
         elif method == "slerp":
             oc = ca * bc + cb * xc[0]
         else:
-            deltas = []
-            for x, m, f in zip(xc, keep, factors):
-                d = x - bc
+            stack = torch.empty((len(xs), e - s), dtype=work)
+            for d, x, m, f in zip(stack, xc, keep, factors):
+                torch.sub(x, bc, out=d)
                 if m is not None:
-                    d = d * m[s:e]
+                    d.mul_(m[s:e].to(work))  # as d * mask, without bool arithmetic
                 if method == "dare" and rescale == "inverse":
-                    d = d / density
+                    d.div_(density)
                 elif f != 1.0:
-                    d = d * f
-                deltas.append(d)
-            stack = torch.stack(deltas)
+                    d.mul_(f)
             if method == "ties" or (method == "dare" and combine == "ties"):
                 mixed = _elect_and_mean(stack, w, elect)
             else:
                 mixed = (stack * w).sum(0)
             oc = bc + scale * mixed
-        out[s:e] = oc.to(base.dtype)
+        out[s:e].copy_(oc)  # rounds like .to(base.dtype), without the temporary
     return out.reshape(base.shape)
 
 
