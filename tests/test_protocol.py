@@ -176,3 +176,29 @@ def test_benchmarks_use_the_protocol_with_the_issue_rows():
             "sh_lam_a1"} <= rows
     assert len(dg.FULL["lr_grid"]) in (4, 5) and dg.FULL["seeds"] >= 10
     assert dg.FULL["per_domain"] >= 500
+
+
+def test_run_seeds_folds_units_into_the_store_and_resumes_from_shards(tmp_path):
+    grid = (1e-3, 1e-2)
+    proto = P.Protocol("t", grid, "target_val", epochs=2, seeds=(0, 1))
+    log: list = []
+    methods = [P.Method("a", partial(_run, log=log, val=[1, 2], test=[0, 0])),
+               P.Method("b", partial(_run, log=log, val=[2, 1], test=[0, 0]))]
+    task = {"grid": grid, "split": "target_val"}
+    store = P.ResultStore(tmp_path / "res.json")
+    # a unit a killed worker left half done: method "a" of seed 1 is in its shard
+    shard_dir = store.path.with_suffix(".shards")
+    shard_dir.mkdir()
+    half = P.ResultStore(shard_dir / "x_y-1.json")
+    half["t|x/y|1|a"] = P.run_method(proto, methods[0], 1, task).to_json()
+    log.clear()
+    P.run_seeds(proto, [("x/y", s, methods, task) for s in (0, 1)], store, workers=1,
+                log=lambda _: None)
+    assert sorted(store.data) == ["t|x/y|0|a", "t|x/y|0|b", "t|x/y|1|a", "t|x/y|1|b"]
+    assert len(log) == 3 * len(grid)  # seed 0: a and b; seed 1: only b
+    assert not list(shard_dir.iterdir())  # folded shards are removed
+    reread = P.ResultStore(tmp_path / "res.json")
+    assert reread.data == store.data
+    P.run_seeds(proto, [("x/y", s, methods, task) for s in (0, 1)], reread, workers=1,
+                log=lambda _: None)
+    assert len(log) == 3 * len(grid)  # everything from the store: nothing trains again
