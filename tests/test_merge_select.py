@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neuralign.errors import CheckpointError
-from neuralign.merge import _select
+from neuralign.merge import _parallel, _select
 from neuralign.merge._select import topk_mask
 from neuralign.merge.sharded import ShardedCheckpoint, all_finite, merge_checkpoints, save_sharded
 from neuralign.merge.task_vectors import check_task_options, merge_tensor, trim
@@ -184,8 +184,6 @@ def test_elect_and_mean_equals_the_boolean_formulation(elect):
 
 
 def test_default_workers_counts_idle_cores(monkeypatch):
-    from neuralign.merge import _parallel
-
     monkeypatch.setattr(_parallel.os, "cpu_count", lambda: 2)
     for load, want in ((0.1, 2), (0.9, 1), (3.0, 1)):
         monkeypatch.setattr(_parallel.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
@@ -193,3 +191,19 @@ def test_default_workers_counts_idle_cores(monkeypatch):
     monkeypatch.setattr(_parallel.os, "cpu_count", lambda: 64)
     monkeypatch.setattr(_parallel.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert _parallel.default_workers() == 4
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_ordered_runs_on_one_intra_op_thread_and_restores_the_count(workers):
+    """Several intra-op threads on a core another process keeps busy made a 1.1B merge 7x slower
+    (OpenMP barriers wait for the preempted thread): the kernel runs on one, and the caller's
+    thread count is back afterwards."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = [n for _, n in _parallel.ordered(lambda k: torch.get_num_threads(),
+                                                list("abcde"), workers)]
+        assert seen == [1] * 5
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)
