@@ -45,7 +45,7 @@ def test_activation_stats_are_exact_for_large_means_and_any_batching():
 
 def test_activation_stats_raw_path_matches_a_float64_reference():
     """Moderate means (ReLU outputs): sums on the raw activations, no centring copies."""
-    for size in (8, 96):  # squares from a GEMM's diagonal / from a product
+    for size in (8, 96):  # a narrow and a wide layer
         za = torch.relu(torch.randn(3000, size, generator=G, dtype=torch.float64) + 0.5)
         zb = torch.relu(za[:, torch.randperm(size, generator=G)] + 0.3 * torch.randn(
             3000, size, generator=G, dtype=torch.float64))

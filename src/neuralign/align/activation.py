@@ -131,7 +131,7 @@ class ActivationStats:
     cross-products taken in the activations' precision (one GEMM for the cross-products).
     When the first batch's means lie within ``RAW_MEANS`` standard deviations of zero in every
     unit (activations after ReLU or a norm layer) the shift is zero and the sums are taken on
-    the raw activations (no temporaries; squares of narrow layers as a GEMM's diagonal): the
+    the raw activations (no centred copies): the
     float64 totals then lose nothing to the means. Otherwise the shift is the first batch's
     means and each batch is centred first (into ``scratch``'s reused buffers), so that large
     means cost no precision either.
@@ -168,13 +168,11 @@ class ActivationStats:
         self.n += rows
         self.sa += ca.sum(0)
         self.sb += cb.sum(0)
-        if self.size <= 64:  # one read of a narrow matrix instead of a square and a sum
-            self.saa += (ca.T @ ca).diagonal()
-            self.sbb += (cb.T @ cb).diagonal()
-        else:
-            sq = scratch.get(2, rows, self.size, za)
-            self.saa += torch.mul(ca, ca, out=sq).sum(0)
-            self.sbb += torch.mul(cb, cb, out=sq).sum(0)
+        # squares into a reused buffer, then a column sum: several times cheaper than the
+        # diagonal of a Gram GEMM for every width (a narrow GEMM is no faster than a wide one)
+        sq = scratch.get(2, rows, self.size, za)
+        self.saa += torch.mul(ca, ca, out=sq).sum(0)
+        self.sbb += torch.mul(cb, cb, out=sq).sum(0)
         self.sab += ca.T @ cb
 
     def _moments(self):
