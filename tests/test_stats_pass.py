@@ -146,3 +146,30 @@ def test_passes_accept_plain_lists_of_batches(what):
         got = channel_stats(a, batches, ["layer1.0"])["layer1.0"]
         ref = channel_stats(a, [(X, Y)], ["layer1.0"])["layer1.0"]
         torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_statistics_equal_a_reference_from_stored_activations():
+    """The pass (A's outputs copied into reused buffers, batches of unequal size, channels-last
+    convolution outputs) gives the correlations of all the activations computed at once."""
+    a, b = _model(0), _model(1)
+    spec = spec_from_model(a, X[:2])
+    batches = [(X[:40], Y[:40]), (X[40:80], Y[40:80]), (X[80:], Y[80:])]
+    stats, seen = activation_statistics(a, b, batches, spec)
+    assert seen == 3
+    checked = 0
+    for n, g in list(spec.groups.items())[::4]:
+        for i, p in enumerate(g.probes):
+            outs = []
+            for m in (a, b):
+                got = []
+                h = dict(m.named_modules())[p.name].register_forward_hook(
+                    lambda mod, inp, out, got=got: got.append(out.double()))
+                with torch.no_grad():
+                    m(X)
+                h.remove()
+                outs.append(got[0].movedim(1, -1).reshape(-1, g.size))
+            ref = torch.corrcoef(torch.cat(outs, 1).T)[:g.size, g.size:]
+            ref = torch.nan_to_num(ref, nan=0.0)
+            torch.testing.assert_close(stats[(n, i)].corr(), ref, atol=1e-4, rtol=0)
+            checked += 1
+    assert checked >= 6
