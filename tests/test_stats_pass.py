@@ -173,3 +173,22 @@ def test_activation_statistics_equal_a_reference_from_stored_activations():
             torch.testing.assert_close(stats[(n, i)].corr(), ref, atol=1e-4, rtol=0)
             checked += 1
     assert checked >= 6
+
+
+def test_activation_stats_cross_products_across_float32_flushes():
+    """Small batches of a wide layer: cross-products pile up in float32 for up to FLUSH_ROWS
+    rows, then join the float64 total; reading the totals midway (a flush) and going on gives
+    the float64 sums all along."""
+    size, rows = 64, 96
+    za = torch.relu(torch.randn(100 * rows, size, generator=G, dtype=torch.float64))
+    zb = torch.relu(za.flip(1) + 0.5 * torch.randn(100 * rows, size, generator=G,
+                                                    dtype=torch.float64))
+    st = ActivationStats(size)
+    assert rows * 100 > 2 * st.FLUSH_ROWS
+    for k, (a, b) in enumerate(zip(za.float().split(rows), zb.float().split(rows))):
+        st.update(a, b)
+        if k in (3, 50, 99):
+            ref = za[:(k + 1) * rows].T @ zb[:(k + 1) * rows]
+            torch.testing.assert_close(st.sab, ref, rtol=2e-6, atol=0)
+    ref = torch.corrcoef(torch.cat([za, zb], 1).T)[:size, size:]
+    torch.testing.assert_close(st.corr(), ref, atol=2e-6, rtol=0)

@@ -127,8 +127,9 @@ class _Scratch:
 class ActivationStats:
     """Streaming first and second moments of paired unit activations.
 
-    Totals are kept in float64 about a fixed per-unit shift, each batch's sums and
-    cross-products taken in the activations' precision (one GEMM for the cross-products).
+    Totals are kept in float64 about a fixed per-unit shift, each batch's sums taken in the
+    activations' precision, the cross-products by GEMMs accumulating in float32 over up to
+    ``FLUSH_ROWS`` rows (a batch, or several small ones) before joining the float64 total.
     When the first batch's means lie within ``RAW_MEANS`` standard deviations of zero in every
     unit (activations after ReLU or a norm layer) the shift is zero and the sums are taken on
     the raw activations (no centred copies): the
@@ -138,12 +139,28 @@ class ActivationStats:
     """
 
     RAW_MEANS = 4.0
+    FLUSH_ROWS = 4096  # cross-products of up to this many rows are summed in float32 (by the
+    # GEMM, as one batch of that many rows would be) before joining the float64 total: a
+    # conversion and addition of the whole square per batch of a wide linear layer cost more
+    # than a tenth of its pass
 
     def __init__(self, size: int):
         self.size, self.n = size, 0
-        self.sa = self.sb = self.saa = self.sbb = self.sab = None
+        self.sa = self.sb = self.saa = self.sbb = self._sab = None
+        self._part, self._part_rows = None, 0  # cross-products not yet in ``_sab``
         self.shift_a = self.shift_b = None
         self.raw = False
+
+    def _flush(self) -> None:
+        if self._part_rows:
+            self._sab = self._sab + self._part  # not in place: may run outside inference mode
+            self._part_rows = 0
+
+    @property
+    def sab(self) -> torch.Tensor | None:
+        """The float64 sum of the (shifted) cross-products ``a_i b_j`` over every row seen."""
+        self._flush()
+        return self._sab
 
     def update(self, za: torch.Tensor, zb: torch.Tensor, scratch: _Scratch | None = None) -> None:
         za, zb = za.float(), zb.float()
@@ -157,7 +174,7 @@ class ActivationStats:
             dev = za.device
             self.sa, self.sb, self.saa, self.sbb = (
                 torch.zeros(self.size, dtype=torch.float64, device=dev) for _ in range(4))
-            self.sab = torch.zeros(self.size, self.size, dtype=torch.float64, device=dev)
+            self._sab = torch.zeros(self.size, self.size, dtype=torch.float64, device=dev)
         scratch = scratch if scratch is not None else _Scratch()
         rows = za.shape[0]
         if self.raw:
@@ -173,7 +190,13 @@ class ActivationStats:
         sq = scratch.get(2, rows, self.size, za)
         self.saa += torch.mul(ca, ca, out=sq).sum(0)
         self.sbb += torch.mul(cb, cb, out=sq).sum(0)
-        self.sab += ca.T @ cb
+        if self._part_rows == 0:
+            self._part = torch.mm(ca.T, cb, out=self._part)
+        else:
+            self._part.addmm_(ca.T, cb)
+        self._part_rows += rows
+        if self._part_rows >= self.FLUSH_ROWS:
+            self._flush()
 
     def _moments(self):
         if self.n == 0:
