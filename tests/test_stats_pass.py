@@ -192,3 +192,33 @@ def test_activation_stats_cross_products_across_float32_flushes():
             torch.testing.assert_close(st.sab, ref, rtol=2e-6, atol=0)
     ref = torch.corrcoef(torch.cat([za, zb], 1).T)[:size, size:]
     torch.testing.assert_close(st.corr(), ref, atol=2e-6, rtol=0)
+
+
+def test_layer_cka_of_channels_last_convolutions_matches_float64():
+    """Conv features gathered in memory (channels-last) order into one buffer per layer, Gram
+    matrices from the blocks on and above the diagonal: the float64 CKA of the usual features."""
+    a, b = _model(0, "vgg11", width=0.25, norm="bn"), _model(1, "vgg11", width=0.25, norm="bn")
+    x = torch.randn(301, 1, 28, 28, generator=G)
+    loader = DataLoader(TensorDataset(x, torch.zeros(301, dtype=torch.long)), batch_size=128)
+    got, la, lb = layer_cka(a, b, loader, n_examples=300)
+    from neuralign.landscape import cka, features
+
+    fa, fb = features(a, loader, la, 300), features(b, loader, lb, 300)
+    assert fa[la[0]].shape[0] == 300
+    ref = torch.tensor([[cka(fa[i], fb[j]) for j in lb] for i in la])
+    torch.testing.assert_close(got, ref.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_cka_refuses_a_module_run_twice_per_forward():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(784, 16)
+            self.out = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = self.lin(x.flatten(1))
+            return self.out(h + self.lin(x.flatten(1)))
+
+    with pytest.raises(Exception, match="more than once"):
+        layer_cka(Twice(), Twice(), LOADER, layers_a=["lin"], layers_b=["lin"])
