@@ -310,8 +310,10 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, loader, method: 
     if spec is None:
         spec = spec_from_model(model_a, x0 if not isinstance(x0, dict) else None)
     dev = torch.device(device) if device is not None else next(model_a.parameters()).device
+    t_pass = time.perf_counter()
     stats, batches = activation_statistics(model_a, model_b, itertools.chain([batch], it), spec,
                                            max_batches=max_batches, device=dev)
+    t_pass = time.perf_counter() - t_pass
     perm = Permutation.identity(spec)
     scores: dict[str, torch.Tensor] = {}
     before, after = {}, {}
@@ -338,7 +340,8 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, loader, method: 
                  "score_before": before, "score_after": after,
                  "objective_init": sum(before.values()) / max(len(before), 1),
                  "objective": sum(after.values()) / max(len(after), 1),
-                 "weight_matched_groups": rest, "time_s": time.perf_counter() - t0}
+                 "weight_matched_groups": rest, "time_s": time.perf_counter() - t0,
+                 "statistics_time_s": t_pass}
     return perm
 
 
