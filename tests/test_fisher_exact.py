@@ -164,7 +164,7 @@ def test_fisher_batch_backward_path_for_convs_and_norms(case, labels, monkeypatc
     ref = brute_force(model, xs[:19], ys[:19], labels)
     assert all(v.abs().max() > 0 for v in ref.values()) or case == "mixes-batch"
     assert fm._fast_supported(model)
-    fast_used = len(used) > 3 and all(used)  # 3: the check that the examples stay apart
+    fast_used = len(used) == len(loader) and all(used)
     assert fast_used == (case == "plain")
     if case == "mixes-batch" and labels == "expected":
         return  # the class weights p(y|x) come from a batch forward, which this model mixes
@@ -183,5 +183,24 @@ def test_fisher_batch_backward_path_for_a_conv_with_one_output_position():
     assert model(xs).shape == (10, 4) and fm._fast_supported(model)
     got = fisher_diagonal(model, [(xs, ys)], n_examples=10, labels="expected")
     ref = brute_force(model, xs, ys, "expected")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_fisher_checks_mixing_on_the_first_batch_of_two_or_more(mix, monkeypatch):
+    """A first batch of one example cannot mix; the check runs on the next batch."""
+    import neuralign.merge.fisher as fm
+
+    model = _conv_net(mix=mix)
+    used = []
+    real = fm._layer_squares
+    monkeypatch.setattr(fm, "_layer_squares", lambda *a: used.append(real(*a)) or used[-1])
+    g = torch.Generator().manual_seed(8)
+    xs, ys = torch.randn(12, 2, 14, 14, generator=g), torch.randint(0, 4, (12,), generator=g)
+    loader = [(xs[:1], ys[:1]), (xs[1:7], ys[1:7]), (xs[7:], ys[7:])]
+    got = fisher_diagonal(model, loader, n_examples=12, labels="empirical")
+    assert used[0] and (used == [True, False] if mix else used == [True] * 3)
+    ref = brute_force(model, xs, ys, "empirical")
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-8)

@@ -87,13 +87,16 @@ def _weight_squares(mod: nn.Module, x: torch.Tensor, g: torch.Tensor, w: torch.T
     return (w[:, None] * gw.square()).sum(0), (w[:, None] * gb.square()).sum(0)
 
 
-def squares(m: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, acc: dict,
-            max_floats: int = 2 ** 25) -> bool:
-    """Add ``sum_k w[i, k] (d log p(idx[i, k] | x_i) / d theta)^2`` over the batch to ``acc``
-    (one backward pass per column of ``idx``). False, with nothing added, when the model does
-    not fit (see the module docstring)."""
-    names = {mod: name for name, mod in m.named_modules() if _ok(mod)
-             and any(True for _ in mod.parameters(recurse=False))}
+def _layers(m: nn.Module) -> dict:
+    return {mod: name for name, mod in m.named_modules() if _ok(mod)
+            and any(True for _ in mod.parameters(recurse=False))}
+
+
+def _backward(m: nn.Module, x: torch.Tensor, idx: torch.Tensor, each) -> bool:
+    """One forward of ``x`` recording each layer's input; for each column ``k`` of ``idx`` the
+    gradients of ``sum_i log p(idx[i, k] | x_i)`` at the layers' outputs, handed to
+    ``each(k, {layer: (input, output gradient)})``. False when the model does not fit."""
+    names = _layers(m)
     inputs, outputs, versions, ok = {}, {}, {}, [True]
 
     def fwd(mod, inp, out):
@@ -115,18 +118,52 @@ def squares(m: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, a
                 return False
             logp = torch.log_softmax(out, -1)
             mods = list(names)
-            sums: dict = {}
             for k in range(idx.shape[1]):
                 obj = logp.gather(1, idx[:, k:k + 1]).sum()
                 gs = torch.autograd.grad(obj, [outputs[mod] for mod in mods], retain_graph=True)
-                for mod, g in zip(mods, gs):
-                    sw, sb = _weight_squares(mod, inputs[mod], g.detach(), w[:, k], max_floats)
-                    pw, pb = sums.get(mod, (0.0, 0.0))
-                    sums[mod] = (pw + sw, pb + sb if sb is not None else pb)
+                each(k, {mod: (inputs[mod], g.detach()) for mod, g in zip(mods, gs)})
     finally:
         for h in hs:
             h.remove()
-    for mod, name in names.items():
+    return True
+
+
+def run_alone(m: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> dict | None:
+    """The layers' inputs and output gradients of one example (``x`` of length 1) run alone,
+    for ``squares(alone=...)``; None when the model does not fit."""
+    alone: dict = {}
+    if not _backward(m, x, idx, lambda k, d: alone.update({(mod, k): v for mod, v in d.items()})):
+        return None
+    return alone
+
+
+def _same(a: torch.Tensor, ref: torch.Tensor) -> bool:
+    return float((a - ref).abs().max()) <= 1e-4 * float(ref.abs().max()) + 1e-12
+
+
+def squares(m: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, acc: dict,
+            max_floats: int = 2 ** 25, alone: dict | None = None) -> bool:
+    """Add ``sum_k w[i, k] (d log p(idx[i, k] | x_i) / d theta)^2`` over the batch to ``acc``
+    (one backward pass per column of ``idx``). False, with nothing added, when the model does
+    not fit (see the module docstring), or, given ``alone`` (``run_alone`` of the batch's first
+    example), when that example saw other layer inputs or output gradients in the batch: a
+    forward that mixes a batch's examples."""
+    sums: dict = {}
+    mixed = [False]
+
+    def each(k, layers):
+        for mod, (xin, g) in layers.items():
+            if alone is not None and not (_same(xin[:1], alone[(mod, k)][0])
+                                          and _same(g[:1], alone[(mod, k)][1])):
+                mixed[0] = True
+                return
+            sw, sb = _weight_squares(mod, xin, g, w[:, k], max_floats)
+            pw, pb = sums.get(mod, (0.0, 0.0))
+            sums[mod] = (pw + sw, pb + sb if sb is not None else pb)
+
+    if not _backward(m, x, idx, each) or mixed[0]:
+        return False
+    for mod, name in _layers(m).items():
         pre = f"{name}." if name else ""
         sw, sb = sums[mod]
         acc[f"{pre}weight"] += sw

@@ -22,6 +22,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from neuralign.errors import DataError, NeuralignError
 from neuralign.evaluation import iter_batches
+from neuralign.merge._fisher_layers import run_alone as _run_alone
 from neuralign.merge._fisher_layers import squares as _layer_squares
 from neuralign.merge._fisher_layers import supported as _fast_supported
 from neuralign.merge._util import (
@@ -51,8 +52,9 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, n_examples: int = 256
     gradient entries exist at once); a model whose parameters all belong to ``nn.Linear``
     layers fed ``(batch, features)``, ``nn.Conv2d`` layers and eval-mode batch norms needs
     none: one backward pass per class gives the same sums of squares
-    (:mod:`neuralign.merge._fisher_layers`; the model is first checked to keep the examples of
-    a batch apart, else ``torch.func`` computes them).
+    (:mod:`neuralign.merge._fisher_layers`; on the first batch, the first example run alone
+    must see what it saw in the batch, else the model mixes examples and ``torch.func``
+    computes them).
     """
     if empirical is not None:
         labels = "empirical" if empirical else "sampled"
@@ -79,12 +81,15 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, n_examples: int = 256
         x, y = split_batch(batch)
         x = x[: n_examples - n].to(dev)
         idx, w = _targets(m, x, y, labels, gen)
-        if fast and not checked and len(x) > 1:
-            fast, checked = _agrees(m, params, x, idx, w, max_floats), True
-        if fast and _layer_squares(m, x, idx, w, acc, max_floats):
-            n += len(x)
-            continue
-        fast = False
+        if fast:
+            alone = None
+            if not checked and len(x) > 1:  # once: does the model keep the examples apart?
+                checked, alone = True, _run_alone(m, x[:1], idx[:1])
+                fast = alone is not None
+            fast = fast and _layer_squares(m, x, idx, w, acc, max_floats, alone)
+            if fast:
+                n += len(x)
+                continue
         chunk = max(1, max_floats // max(1, idx.shape[1] * n_params))
         for s in range(0, len(x), chunk):
             g = per_ex(params, x[s:s + chunk], idx[s:s + chunk])
@@ -112,22 +117,6 @@ def _targets(m: nn.Module, x: torch.Tensor, y, labels: str, gen: torch.Generator
         return idx, torch.ones(idx.shape, dtype=probs.dtype, device=x.device)
     idx = torch.arange(probs.shape[1], device=x.device).expand(len(x), -1)
     return idx, probs
-
-
-def _agrees(m: nn.Module, params: dict, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-            max_floats: int) -> bool:
-    """The batch-backward squares (``_layer_squares``) of two examples run as one batch equal
-    the sum of theirs run one at a time: a model whose eval-mode forward mixes the examples
-    of a batch fails this and is left to ``torch.func``."""
-    both = {k: torch.zeros_like(v) for k, v in params.items()}
-    apart = {k: torch.zeros_like(v) for k, v in params.items()}
-    if not (_layer_squares(m, x[:2], idx[:2], w[:2], both, max_floats)
-            and _layer_squares(m, x[:1], idx[:1], w[:1], apart, max_floats)
-            and _layer_squares(m, x[1:2], idx[1:2], w[1:2], apart, max_floats)):
-        return False
-    return all(float((both[k] - v).abs().max())
-               <= 1e-3 * max(float(v.abs().max()), float(both[k].abs().max())) + 1e-12
-               for k, v in apart.items())
 
 
 def fisher_merge(models: Sequence[nn.Module], fishers: Sequence[dict] | None = None, *,
