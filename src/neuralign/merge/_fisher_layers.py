@@ -14,9 +14,10 @@ example ``i``'s parameter gradient is then a product with the layer's input:
 - a batch norm in eval mode (running statistics): ``sum_pos g_i * xhat_i`` (weight) and
   ``sum_pos g_i`` (bias).
 
-A model with any other parameter, a layer run twice in a forward, or an output or input that
-a later in-place operation changes, is left to ``torch.func`` (``supported`` / ``squares``
-return False).
+A model with any other parameter, a layer run twice in a forward, an output or input that
+a later in-place operation changes, or a forward that mixes the examples of a batch (the
+first example run alone, ``run_alone``, sees other layer inputs or output gradients than in
+the batch), is left to ``torch.func`` (``supported`` / ``squares`` return False).
 """
 
 from __future__ import annotations
