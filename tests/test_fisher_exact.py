@@ -47,7 +47,7 @@ def tiny_cnn():
 
 
 @pytest.mark.parametrize("labels", ["expected", "empirical"])
-@pytest.mark.parametrize("make", [tiny_mlp, tiny_cnn], ids=["mlp-batched", "cnn-vmap"])
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_cnn], ids=["mlp", "cnn"])
 def test_fisher_matches_brute_force(make, labels):
     model = make()
     shape = (5,) if make is tiny_mlp else (1, 4, 4)
@@ -119,3 +119,88 @@ def test_normalisation_divides_each_fisher_by_its_norm():
     zero = {k: torch.zeros_like(v) for k, v in fb.items()}
     with pytest.raises(NeuralignError, match="zero everywhere"):
         fisher_merge([a, b], [fa, zero])
+
+
+class _MixesBatch(nn.Module):
+    """Eval-mode forward that couples the examples of a batch (subtracts the batch mean)."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+def _conv_net(inplace=False, mix=False):
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False),
+                      nn.BatchNorm2d(4), _MixesBatch() if mix else nn.Identity(),
+                      nn.ReLU(inplace=inplace), nn.Conv2d(4, 3, 2, dilation=2),
+                      nn.Tanh(), nn.Flatten(),
+                      nn.Linear(3 * 5 * 5, 5), nn.BatchNorm1d(5), nn.Linear(5, 4))
+    for bn in (m[1], m[8]):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+    return m.eval()
+
+
+@pytest.mark.parametrize("case", ["plain", "inplace-relu", "mixes-batch"])
+@pytest.mark.parametrize("labels", ["expected", "empirical"])
+def test_fisher_batch_backward_path_for_convs_and_norms(case, labels, monkeypatch):
+    """Conv2d (stride, dilation, no bias; 49 and 25 output positions: a grouped convolution
+    and unfolded patches), BatchNorm2d/1d and Linear squares from batch
+    backward passes equal one-example-at-a-time autograd; chunked unfolds (small max_floats)
+    too. An in-place ReLU rewriting a conv output, or a forward mixing the examples of a batch,
+    sends the model to torch.func, which is exact there as well."""
+    import neuralign.merge.fisher as fm
+
+    model = _conv_net(inplace=case == "inplace-relu", mix=case == "mixes-batch")
+    used = []
+    real = fm._layer_squares
+    monkeypatch.setattr(fm, "_layer_squares", lambda *a: used.append(real(*a)) or used[-1])
+    g = torch.Generator().manual_seed(4)
+    xs, ys = torch.randn(21, 2, 14, 14, generator=g), torch.randint(0, 4, (21,), generator=g)
+    loader = [(xs[i:i + 8], ys[i:i + 8]) for i in range(0, 21, 8)]
+    got = fisher_diagonal(model, loader, n_examples=19, labels=labels, max_floats=300)
+    ref = brute_force(model, xs[:19], ys[:19], labels)
+    assert all(v.abs().max() > 0 for v in ref.values()) or case == "mixes-batch"
+    assert fm._fast_supported(model)
+    fast_used = len(used) == len(loader) and all(used)
+    assert fast_used == (case == "plain")
+    if case == "mixes-batch" and labels == "expected":
+        return  # the class weights p(y|x) come from a batch forward, which this model mixes
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-8)
+
+
+def test_fisher_batch_backward_path_for_a_conv_with_one_output_position():
+    import neuralign.merge.fisher as fm
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(3, 4)).eval()
+    g = torch.Generator().manual_seed(7)
+    xs, ys = torch.randn(10, 2, 2, 2, generator=g), torch.randint(0, 4, (10,), generator=g)
+    assert model(xs).shape == (10, 4) and fm._fast_supported(model)
+    got = fisher_diagonal(model, [(xs, ys)], n_examples=10, labels="expected")
+    ref = brute_force(model, xs, ys, "expected")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_fisher_checks_mixing_on_the_first_batch_of_two_or_more(mix, monkeypatch):
+    """A first batch of one example cannot mix; the check runs on the next batch."""
+    import neuralign.merge.fisher as fm
+
+    model = _conv_net(mix=mix)
+    used = []
+    real = fm._layer_squares
+    monkeypatch.setattr(fm, "_layer_squares", lambda *a: used.append(real(*a)) or used[-1])
+    g = torch.Generator().manual_seed(8)
+    xs, ys = torch.randn(12, 2, 14, 14, generator=g), torch.randint(0, 4, (12,), generator=g)
+    loader = [(xs[:1], ys[:1]), (xs[1:7], ys[1:7]), (xs[7:], ys[7:])]
+    got = fisher_diagonal(model, loader, n_examples=12, labels="empirical")
+    assert used[0] and (used == [True, False] if mix else used == [True] * 3)
+    ref = brute_force(model, xs, ys, "empirical")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-8)

@@ -34,7 +34,8 @@ def _epochs(loader, read, n=3):
 
 
 @pytest.mark.parametrize("kw", [{"shuffle": True}, {"shuffle": False},
-                                {"shuffle": True, "drop_last": True}])
+                                {"shuffle": True, "drop_last": True},
+                                {"shuffle": False, "drop_last": True}])
 @pytest.mark.parametrize("subset", [False, True])
 def test_fast_batches_are_the_dataloaders_batches(kw, subset, monkeypatch):
     ds = TensorDataset(X, Y)
@@ -52,7 +53,20 @@ def test_fast_batches_are_the_dataloaders_batches(kw, subset, monkeypatch):
     for f_epoch, s_epoch in zip(fast, slow):
         for fb, sb in zip(f_epoch, s_epoch):
             assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(fb, sb))
+            assert all(a.is_contiguous() for a in fb)
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(fast[0], fast[1])) or not kw["shuffle"]
+
+
+def test_fast_batches_in_order_are_copies_not_views_of_the_data():
+    """An in-order loader is read by slicing; a model that writes into its input batch must
+    not change the data set (the DataLoader's collate copies too)."""
+    xs = X.contiguous(memory_format=torch.channels_last) if X.dim() == 4 else X.clone()
+    ds, keep = TensorDataset(xs, Y), xs.clone()
+    for xb, _ in iter_batches(_loader(ds)):
+        assert xb.is_contiguous() and xb.untyped_storage().data_ptr() != \
+            xs.untyped_storage().data_ptr()
+        xb.zero_()
+    assert torch.equal(xs, keep)
 
 
 def test_fast_batches_fall_back_for_other_loaders():

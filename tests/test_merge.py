@@ -185,10 +185,10 @@ def test_fisher_of_an_mlp_without_per_example_gradients_matches_vmap(monkeypatch
                         nn.Linear(8, 3))
     xs = torch.randn(40, 6)
     batches = list(zip(xs.split(16), torch.randint(0, 3, (40,)).split(16)))
-    assert fm._linear_only(mlp)
+    assert fm._fast_supported(mlp)
     for empirical in (True, False):
         fast = fisher_diagonal(mlp, batches, n_examples=37, empirical=empirical)
-        monkeypatch.setattr(fm, "_linear_only", lambda m: False)
+        monkeypatch.setattr(fm, "_fast_supported", lambda m: False)
         ref = fisher_diagonal(mlp, batches, n_examples=37, empirical=empirical)
         monkeypatch.undo()
         assert sorted(fast) == sorted(ref)

@@ -45,7 +45,7 @@ def test_activation_stats_are_exact_for_large_means_and_any_batching():
 
 def test_activation_stats_raw_path_matches_a_float64_reference():
     """Moderate means (ReLU outputs): sums on the raw activations, no centring copies."""
-    for size in (8, 96):  # squares from a GEMM's diagonal / from a product
+    for size in (8, 96):  # a narrow and a wide layer
         za = torch.relu(torch.randn(3000, size, generator=G, dtype=torch.float64) + 0.5)
         zb = torch.relu(za[:, torch.randperm(size, generator=G)] + 0.3 * torch.randn(
             3000, size, generator=G, dtype=torch.float64))
@@ -146,3 +146,79 @@ def test_passes_accept_plain_lists_of_batches(what):
         got = channel_stats(a, batches, ["layer1.0"])["layer1.0"]
         ref = channel_stats(a, [(X, Y)], ["layer1.0"])["layer1.0"]
         torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_statistics_equal_a_reference_from_stored_activations():
+    """The pass (A's outputs copied into reused buffers, batches of unequal size, channels-last
+    convolution outputs) gives the correlations of all the activations computed at once."""
+    a, b = _model(0), _model(1)
+    spec = spec_from_model(a, X[:2])
+    batches = [(X[:40], Y[:40]), (X[40:80], Y[40:80]), (X[80:], Y[80:])]
+    stats, seen = activation_statistics(a, b, batches, spec)
+    assert seen == 3
+    checked = 0
+    for n, g in list(spec.groups.items())[::4]:
+        for i, p in enumerate(g.probes):
+            outs = []
+            for m in (a, b):
+                got = []
+                h = dict(m.named_modules())[p.name].register_forward_hook(
+                    lambda mod, inp, out, got=got: got.append(out.double()))
+                with torch.no_grad():
+                    m(X)
+                h.remove()
+                outs.append(got[0].movedim(1, -1).reshape(-1, g.size))
+            ref = torch.corrcoef(torch.cat(outs, 1).T)[:g.size, g.size:]
+            ref = torch.nan_to_num(ref, nan=0.0)
+            torch.testing.assert_close(stats[(n, i)].corr(), ref, atol=1e-4, rtol=0)
+            checked += 1
+    assert checked >= 6
+
+
+def test_activation_stats_cross_products_across_float32_flushes():
+    """Small batches of a wide layer: cross-products pile up in float32 for up to FLUSH_ROWS
+    rows, then join the float64 total; reading the totals midway (a flush) and going on gives
+    the float64 sums all along."""
+    size, rows = 64, 96
+    za = torch.relu(torch.randn(100 * rows, size, generator=G, dtype=torch.float64))
+    zb = torch.relu(za.flip(1) + 0.5 * torch.randn(100 * rows, size, generator=G,
+                                                    dtype=torch.float64))
+    st = ActivationStats(size)
+    assert rows * 100 > 2 * st.FLUSH_ROWS
+    for k, (a, b) in enumerate(zip(za.float().split(rows), zb.float().split(rows))):
+        st.update(a, b)
+        if k in (3, 50, 99):
+            ref = za[:(k + 1) * rows].T @ zb[:(k + 1) * rows]
+            torch.testing.assert_close(st.sab, ref, rtol=2e-6, atol=0)
+    ref = torch.corrcoef(torch.cat([za, zb], 1).T)[:size, size:]
+    torch.testing.assert_close(st.corr(), ref, atol=2e-6, rtol=0)
+
+
+def test_layer_cka_of_channels_last_convolutions_matches_float64():
+    """Conv features gathered in memory (channels-last) order into one buffer per layer, Gram
+    matrices from the blocks on and above the diagonal: the float64 CKA of the usual features."""
+    a, b = _model(0, "vgg11", width=0.25, norm="bn"), _model(1, "vgg11", width=0.25, norm="bn")
+    x = torch.randn(301, 1, 28, 28, generator=G)
+    loader = DataLoader(TensorDataset(x, torch.zeros(301, dtype=torch.long)), batch_size=128)
+    got, la, lb = layer_cka(a, b, loader, n_examples=300)
+    from neuralign.landscape import cka, features
+
+    fa, fb = features(a, loader, la, 300), features(b, loader, lb, 300)
+    assert fa[la[0]].shape[0] == 300
+    ref = torch.tensor([[cka(fa[i], fb[j]) for j in lb] for i in la])
+    torch.testing.assert_close(got, ref.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_cka_refuses_a_module_run_twice_per_forward():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(784, 16)
+            self.out = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = self.lin(x.flatten(1))
+            return self.out(h + self.lin(x.flatten(1)))
+
+    with pytest.raises(Exception, match="more than once"):
+        layer_cka(Twice(), Twice(), LOADER, layers_a=["lin"], layers_b=["lin"])

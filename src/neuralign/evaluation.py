@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import (
+    BatchSampler,
     DataLoader,
     Dataset,
     IterableDataset,
+    SequentialSampler,
     Subset,
     TensorDataset,
     default_collate,
@@ -66,7 +68,17 @@ def iter_batches(loader):
     tensors, index = src
     # as DataLoader.__iter__: the workers' base seed is drawn first, then the sampler runs
     torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
-    for idx in loader.batch_sampler:
+    bs = loader.batch_sampler
+    if (index is None and type(bs) is BatchSampler and type(bs.sampler) is SequentialSampler
+            and bs.sampler.data_source is loader.dataset):
+        # in order: the batches are consecutive ranges, copied without an index list
+        n, size = len(loader.dataset), bs.batch_size
+        stop = n - n % size if bs.drop_last else n
+        for i in range(0, stop, size):
+            yield [t[i:min(i + size, n)].clone(memory_format=torch.contiguous_format)
+                   for t in tensors]
+        return
+    for idx in bs:
         i = torch.as_tensor(idx, dtype=torch.long)
         if index is not None:
             i = index[i]
@@ -84,7 +96,7 @@ def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False
     """``x`` on ``device``; a 4-D floating-point batch in channels-last layout if asked (a new
     tensor when the layout changes; the values are the same)."""
     if channels_last and x.dim() == 4 and x.is_floating_point():
-        n, c, h, w = x.shape
+        _n, c, h, w = x.shape
         if c == 1 and x.is_contiguous():  # one channel: the same bytes, only the strides differ
             x = x.as_strided(x.shape, (h * w, 1, w, 1))
         else:
@@ -132,9 +144,9 @@ def evaluate(model: nn.Module, loader, *, loss_fn: LossFn | None = None, device=
                 if loss_fn is not None:
                     loss_sum += loss_fn(out, y).double() * y.shape[0]
                 elif classify:
-                    loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+                    loss_sum += F.cross_entropy(out, y, reduction="sum")  # added in float64
                 else:
-                    loss_sum += F.mse_loss(out.squeeze(-1), y.float(), reduction="sum").double()
+                    loss_sum += F.mse_loss(out.squeeze(-1), y.float(), reduction="sum")
                 if classify:
                     correct += (out.argmax(1) == y).sum()
                 n += int(y.shape[0])

@@ -127,23 +127,40 @@ class _Scratch:
 class ActivationStats:
     """Streaming first and second moments of paired unit activations.
 
-    Totals are kept in float64 about a fixed per-unit shift, each batch's sums and
-    cross-products taken in the activations' precision (one GEMM for the cross-products).
+    Totals are kept in float64 about a fixed per-unit shift, each batch's sums taken in the
+    activations' precision, the cross-products by GEMMs accumulating in float32 over up to
+    ``FLUSH_ROWS`` rows (a batch, or several small ones) before joining the float64 total.
     When the first batch's means lie within ``RAW_MEANS`` standard deviations of zero in every
     unit (activations after ReLU or a norm layer) the shift is zero and the sums are taken on
-    the raw activations (no temporaries; squares of narrow layers as a GEMM's diagonal): the
+    the raw activations (no centred copies): the
     float64 totals then lose nothing to the means. Otherwise the shift is the first batch's
     means and each batch is centred first (into ``scratch``'s reused buffers), so that large
     means cost no precision either.
     """
 
     RAW_MEANS = 4.0
+    FLUSH_ROWS = 4096  # cross-products of up to this many rows are summed in float32 (by the
+    # GEMM, as one batch of that many rows would be) before joining the float64 total: a
+    # conversion and addition of the whole square per batch of a wide linear layer cost more
+    # than a tenth of its pass
 
     def __init__(self, size: int):
         self.size, self.n = size, 0
-        self.sa = self.sb = self.saa = self.sbb = self.sab = None
+        self.sa = self.sb = self.saa = self.sbb = self._sab = None
+        self._part, self._part_rows = None, 0  # cross-products not yet in ``_sab``
         self.shift_a = self.shift_b = None
         self.raw = False
+
+    def _flush(self) -> None:
+        if self._part_rows:
+            self._sab = self._sab + self._part  # not in place: may run outside inference mode
+            self._part_rows = 0
+
+    @property
+    def sab(self) -> torch.Tensor | None:
+        """The float64 sum of the (shifted) cross-products ``a_i b_j`` over every row seen."""
+        self._flush()
+        return self._sab
 
     def update(self, za: torch.Tensor, zb: torch.Tensor, scratch: _Scratch | None = None) -> None:
         za, zb = za.float(), zb.float()
@@ -157,7 +174,7 @@ class ActivationStats:
             dev = za.device
             self.sa, self.sb, self.saa, self.sbb = (
                 torch.zeros(self.size, dtype=torch.float64, device=dev) for _ in range(4))
-            self.sab = torch.zeros(self.size, self.size, dtype=torch.float64, device=dev)
+            self._sab = torch.zeros(self.size, self.size, dtype=torch.float64, device=dev)
         scratch = scratch if scratch is not None else _Scratch()
         rows = za.shape[0]
         if self.raw:
@@ -168,14 +185,18 @@ class ActivationStats:
         self.n += rows
         self.sa += ca.sum(0)
         self.sb += cb.sum(0)
-        if self.size <= 64:  # one read of a narrow matrix instead of a square and a sum
-            self.saa += (ca.T @ ca).diagonal()
-            self.sbb += (cb.T @ cb).diagonal()
+        # squares into a reused buffer, then a column sum: several times cheaper than the
+        # diagonal of a Gram GEMM for every width (a narrow GEMM is no faster than a wide one)
+        sq = scratch.get(2, rows, self.size, za)
+        self.saa += torch.mul(ca, ca, out=sq).sum(0)
+        self.sbb += torch.mul(cb, cb, out=sq).sum(0)
+        if self._part_rows == 0:
+            self._part = torch.mm(ca.T, cb, out=self._part)
         else:
-            sq = scratch.get(2, rows, self.size, za)
-            self.saa += torch.mul(ca, ca, out=sq).sum(0)
-            self.sbb += torch.mul(cb, cb, out=sq).sum(0)
-        self.sab += ca.T @ cb
+            self._part.addmm_(ca.T, cb)
+        self._part_rows += rows
+        if self._part_rows >= self.FLUSH_ROWS:
+            self._flush()
 
     def _moments(self):
         if self.n == 0:
@@ -223,8 +244,12 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
         p = spec.groups[n].probes[i]
         users.setdefault(p.name, []).append((st, p))
     scratch = _Scratch()
-    held: dict[str, list] = {}  # A's outputs of this batch not yet paired (a module called
-    # twice in a forward pairs call k of A with call k of B)
+    held: dict[str, list] = {}  # copies of A's outputs of this batch not yet paired (a module
+    # called twice in a forward pairs call k of A with call k of B)
+    copies: dict[tuple, torch.Tensor] = {}  # their memory, reused batch after batch: holding
+    # A's own outputs through B's forward keeps a whole forward's activations alive, and the
+    # fresh memory the next forward then gets from the system costs page faults that doubled
+    # the time of a ResNet-20's forward; A's outputs are freed as in a plain forward instead
 
     def pair(name, out_b):
         out_a = held[name].pop(0)
@@ -232,7 +257,15 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
             st.update(_units(out_a, p, st.size), _units(out_b, p, st.size), scratch)
 
     def hold(name, out_a):
-        held.setdefault(name, []).append(out_a)
+        if isinstance(out_a, (tuple, list)):
+            out_a = out_a[0]
+        calls = held.setdefault(name, [])
+        key = (name, len(calls))
+        buf = copies.get(key)
+        if (buf is None or buf.shape != out_a.shape or buf.stride() != out_a.stride()
+                or buf.dtype != out_a.dtype or buf.device != out_a.device):
+            buf = copies[key] = torch.empty_like(out_a)
+        calls.append(buf.copy_(out_a))
 
     cap_a = _Capture(model_a, probes, dev, sink=hold)
     cap_b = _Capture(model_b, probes, dev, sink=pair)
@@ -277,8 +310,10 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, loader, method: 
     if spec is None:
         spec = spec_from_model(model_a, x0 if not isinstance(x0, dict) else None)
     dev = torch.device(device) if device is not None else next(model_a.parameters()).device
+    t_pass = time.perf_counter()
     stats, batches = activation_statistics(model_a, model_b, itertools.chain([batch], it), spec,
                                            max_batches=max_batches, device=dev)
+    t_pass = time.perf_counter() - t_pass
     perm = Permutation.identity(spec)
     scores: dict[str, torch.Tensor] = {}
     before, after = {}, {}
@@ -305,7 +340,8 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, loader, method: 
                  "score_before": before, "score_after": after,
                  "objective_init": sum(before.values()) / max(len(before), 1),
                  "objective": sum(after.values()) / max(len(after), 1),
-                 "weight_matched_groups": rest, "time_s": time.perf_counter() - t0}
+                 "weight_matched_groups": rest, "time_s": time.perf_counter() - t0,
+                 "statistics_time_s": t_pass}
     return perm
 
 

@@ -19,13 +19,32 @@ def _center_gram(k: torch.Tensor) -> torch.Tensor:
     return h @ k @ h
 
 
-def _centered_gram(x: torch.Tensor, kernel: str, sigma: float | None) -> torch.Tensor:
-    """``H K H`` in float64. Linear kernel: the Gram of the centred features, one float32 GEMM
-    (centring first leaves no cancellation for the GEMM to amplify)."""
+def _centered_gram(x: torch.Tensor, kernel: str, sigma: float | None,
+                   own: bool = False, keep_float: bool = False) -> torch.Tensor:
+    """``H K H`` in float64. Linear kernel: the Gram of the centred features in float32
+    GEMMs (centring first leaves no cancellation for them to amplify), in float32 if
+    ``keep_float``; ``own``: ``x`` may be centred in place."""
     if kernel == "linear":
-        xc = x.float() - x.float().mean(0)
-        return (xc @ xc.T).double()
+        xf = x.float()
+        xc = xf.sub_(xf.mean(0)) if own and xf is x else xf - xf.mean(0)
+        g = _sym_gram(xc)
+        return g if keep_float else g.double()
     return _center_gram(_gram(x.double(), kernel, sigma))
+
+
+def _sym_gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``x @ x.T`` computing only the blocks on and above the diagonal (about 5/8 of the
+    products for 4 blocks of rows), the others their transposes: exactly symmetric."""
+    n = x.shape[0]
+    if n < 256:
+        return x @ x.T
+    b = -(-n // blocks)
+    g = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    for i in range(0, n, b):
+        row = x[i:i + b] @ x[i:].T
+        g[i:i + b, i:] = row
+        g[i + b:, i:i + b] = row[:, b:].T
+    return g
 
 
 def _gram(x: torch.Tensor, kernel: str, sigma: float | None) -> torch.Tensor:
@@ -121,6 +140,70 @@ def features(model: nn.Module, loader: Iterable, layers: Sequence[str], n_exampl
     return {n: torch.cat(v) for n, v in store.items()}
 
 
+@torch.no_grad()
+def _flat_features(model: nn.Module, loader: Iterable, layers: Sequence[str],
+                   n_examples: int) -> dict[str, torch.Tensor]:
+    """As :func:`features`, for Gram matrices: each example's values in the order they lie in
+    memory (channels-last outputs are not reordered; a Gram or distance matrix does not depend
+    on the order of the features, the same for every example), written into one buffer per
+    layer (no per-batch copies to concatenate)."""
+    mods = dict(model.named_modules())
+    missing = [n for n in layers if n not in mods]
+    if missing:
+        raise NeuralignError(f"model has no module {missing[0]!r}; layers: {default_layers(model)}")
+    bufs: dict[str, torch.Tensor] = {}
+    last: dict[str, bool] = {}  # per layer: channels-last order, fixed by its first batch
+    at, done = [0], {}  # rows written; per layer, the row its last batch went to
+
+    def hook(name):
+        def f(_m, _i, o):
+            if done.get(name) == at[0]:
+                raise NeuralignError(f"module {name!r} runs more than once in a forward pass; "
+                                     "CKA needs one output per example: pick other layers")
+            done[name] = at[0]
+            if name not in last:
+                last[name] = o.dim() == 4 and not o.is_contiguous() and o.is_contiguous(
+                    memory_format=torch.channels_last)
+            flat = (o.permute(0, 2, 3, 1) if last[name] else o).reshape(o.shape[0], -1)
+            if name not in bufs:
+                bufs[name] = torch.empty(n_examples, flat.shape[1], dtype=o.dtype)
+            bufs[name][at[0]:at[0] + len(flat)].copy_(flat)
+        return f
+
+    hs = [mods[n].register_forward_hook(hook(n)) for n in layers]
+    was = model.training
+    model.eval()
+    try:
+        for batch in iter_batches(loader):
+            x, _ = split_batch(batch)
+            x = x[: n_examples - at[0]]
+            dev = device_of(model)
+            model(to_device(x, dev, use_channels_last(None, dev)))
+            at[0] += len(x)
+            if at[0] >= n_examples:
+                break
+    finally:
+        for h in hs:
+            h.remove()
+        model.train(was)
+    if at[0] == 0:
+        raise DataError("the data loader yielded no batches; pass a non-empty loader for CKA")
+    return {n: bufs[n][:at[0]] for n in layers}
+
+
+def _gram_rows(feats: dict[str, torch.Tensor], layers: Sequence[str], kernel: str,
+               sigma: float | None) -> torch.Tensor:
+    """``(layers, N * N)`` float64: each layer's centred Gram matrix, flattened (the features
+    are centred in place and dropped as soon as their Gram exists)."""
+    out = None
+    for i, name in enumerate(layers):
+        k = _centered_gram(feats.pop(name), kernel, sigma, own=True, keep_float=True)
+        if out is None:
+            out = torch.empty(len(layers), k.numel(), dtype=torch.float64)
+        out[i].copy_(k.reshape(-1))
+    return out
+
+
 def layer_cka(model_a: nn.Module, model_b: nn.Module, loader: Iterable, *,
               layers_a: Sequence[str] | None = None, layers_b: Sequence[str] | None = None,
               kernel: str = "linear", n_examples: int = 512, sigma: float | None = None):
@@ -131,12 +214,8 @@ def layer_cka(model_a: nn.Module, model_b: nn.Module, loader: Iterable, *,
     """
     la = list(layers_a) if layers_a is not None else default_layers(model_a)
     lb = list(layers_b) if layers_b is not None else default_layers(model_b)
-    fa = features(model_a, loader, la, n_examples)
-    fb = features(model_b, loader, lb, n_examples)
-    ka = {n: _centered_gram(v, kernel, sigma) for n, v in fa.items()}
-    kb = {n: _centered_gram(v, kernel, sigma) for n, v in fb.items()}
-    A = torch.stack([ka[n].reshape(-1) for n in la])
-    B = torch.stack([kb[n].reshape(-1) for n in lb])
+    A = _gram_rows(_flat_features(model_a, loader, la, n_examples), la, kernel, sigma)
+    B = _gram_rows(_flat_features(model_b, loader, lb, n_examples), lb, kernel, sigma)
     num = A @ B.T
     den = A.norm(dim=1)[:, None] * B.norm(dim=1)[None, :]
     return (num / den.clamp_min(1e-30)).float(), la, lb

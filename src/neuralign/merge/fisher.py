@@ -22,6 +22,9 @@ from torch.func import functional_call, jacrev, vmap
 
 from neuralign.errors import DataError, NeuralignError
 from neuralign.evaluation import iter_batches
+from neuralign.merge._fisher_layers import run_alone as _run_alone
+from neuralign.merge._fisher_layers import squares as _layer_squares
+from neuralign.merge._fisher_layers import supported as _fast_supported
 from neuralign.merge._util import (
     as_state_dict,
     check_finite,
@@ -47,8 +50,11 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, n_examples: int = 256
     ``"empirical"``/``"sampled"``. The model is evaluated in eval mode. Per-example gradients come
     from ``torch.func`` (``vmap`` of ``jacrev``, batches split so that at most ``max_floats``
     gradient entries exist at once); a model whose parameters all belong to ``nn.Linear``
-    layers fed ``(batch, features)`` needs none: one backward pass per class gives the same
-    sums of squares (``_linear_squares``).
+    layers fed ``(batch, features)``, ``nn.Conv2d`` layers and eval-mode batch norms needs
+    none: one backward pass per class gives the same sums of squares
+    (:mod:`neuralign.merge._fisher_layers`; on the first batch, the first example run alone
+    must see what it saw in the batch, else the model mixes examples and ``torch.func``
+    computes them).
     """
     if empirical is not None:
         labels = "empirical" if empirical else "sampled"
@@ -67,7 +73,7 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, n_examples: int = 256
     per_ex = vmap(jacrev(logp), in_dims=(None, 0, 0))
     acc = {k: torch.zeros_like(v) for k, v in params.items()}
     n_params = sum(v.numel() for v in params.values())
-    linear_only = _linear_only(m)
+    fast, checked = _fast_supported(m), False
     n = 0
     for batch in iter_batches(loader):
         if n >= n_examples:
@@ -75,10 +81,15 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, *, n_examples: int = 256
         x, y = split_batch(batch)
         x = x[: n_examples - n].to(dev)
         idx, w = _targets(m, x, y, labels, gen)
-        if linear_only and _linear_squares(m, x, idx, w, acc):
-            n += len(x)
-            continue
-        linear_only = False
+        if fast:
+            alone = None
+            if not checked and len(x) > 1:  # once: does the model keep the examples apart?
+                checked, alone = True, _run_alone(m, x[:1], idx[:1])
+                fast = alone is not None
+            fast = fast and _layer_squares(m, x, idx, w, acc, max_floats, alone)
+            if fast:
+                n += len(x)
+                continue
         chunk = max(1, max_floats // max(1, idx.shape[1] * n_params))
         for s in range(0, len(x), chunk):
             g = per_ex(params, x[s:s + chunk], idx[s:s + chunk])
@@ -106,57 +117,6 @@ def _targets(m: nn.Module, x: torch.Tensor, y, labels: str, gen: torch.Generator
         return idx, torch.ones(idx.shape, dtype=probs.dtype, device=x.device)
     idx = torch.arange(probs.shape[1], device=x.device).expand(len(x), -1)
     return idx, probs
-
-
-def _linear_only(m: nn.Module) -> bool:
-    """Every parameter belongs to an ``nn.Linear`` (an MLP): per-example squared gradients then
-    come from one batch backward (``_linear_squares``)."""
-    owners = {id(p) for mod in m.modules() if type(mod) is nn.Linear
-              for p in mod.parameters(recurse=False)}
-    ps = list(m.parameters())
-    return bool(ps) and all(id(p) in owners and p.requires_grad for p in ps)
-
-
-def _linear_squares(m: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                    acc: dict) -> bool:
-    """Add ``sum_k w[i, k] (d log p(idx[i, k] | x_i) / d theta)^2`` over the batch to ``acc`` for
-    a model whose parameters are all ``nn.Linear``'s, without per-example gradients: for each
-    ``k`` one backward pass of ``sum_i log p(idx[i, k] | x_i)`` gives each example's gradient at
-    a linear layer's output (eval mode couples no examples), ``g_i``; example ``i``'s weight
-    gradient is ``g_i x_i^T``, whose weighted squares sum to ``(w g^2)^T (x^2)``. False (nothing
-    added) when a linear layer sees other than ``(batch, features)`` inputs."""
-    names = {mod: name for name, mod in m.named_modules() if type(mod) is nn.Linear}
-    inputs, outputs, ok = {}, {}, [True]
-
-    def fwd(mod, inp, out):
-        if inp[0].dim() != 2 or mod in inputs or not out.requires_grad:
-            ok[0] = False
-            return
-        inputs[mod], outputs[mod] = inp[0].detach(), out
-
-    hs = [mod.register_forward_hook(fwd) for mod in names]
-    try:
-        with torch.enable_grad():
-            out = m(x)
-            if out.dim() != 2 or not ok[0] or len(outputs) != len(names):
-                return False
-            logp = torch.log_softmax(out, -1)
-            mods = list(names)
-            sq = {mod: 0.0 for mod in mods}
-            for k in range(idx.shape[1]):
-                obj = logp.gather(1, idx[:, k:k + 1]).sum()
-                gs = torch.autograd.grad(obj, [outputs[mod] for mod in mods], retain_graph=True)
-                for mod, g in zip(mods, gs):
-                    sq[mod] = sq[mod] + w[:, k:k + 1] * g.detach().square()
-    finally:
-        for h in hs:
-            h.remove()
-    for mod, name in names.items():
-        g2, x2 = sq[mod], inputs[mod].square()
-        acc[f"{name}.weight" if name else "weight"] += g2.T @ x2
-        if mod.bias is not None:
-            acc[f"{name}.bias" if name else "bias"] += g2.sum(0)
-    return True
 
 
 def fisher_merge(models: Sequence[nn.Module], fishers: Sequence[dict] | None = None, *,
