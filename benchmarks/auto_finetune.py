@@ -366,8 +366,10 @@ def main(argv=None):
     default = (P.cache_root() / "smoke" / f"auto_finetune{suffix}" if args.smoke
                else ROOT / "docs" / "results" / f"auto_finetune{suffix}")
     out = Path(args.out) if args.out else default
+    runs = out.parent / f"{out.name}_runs.json"  # committed: a fresh cache resumes from it
     store = P.ResultStore(P.cache_root() / "results" /
-                          f"auto_finetune{'_smoke' if args.smoke else ''}{suffix}.json")
+                          f"auto_finetune{'_smoke' if args.smoke else ''}{suffix}.json",
+                          seed_from=runs)
     tasks, meta = make_tasks(cfg)
     t0 = time.perf_counter()
     if not args.report_only:
@@ -376,6 +378,7 @@ def main(argv=None):
         P.run_seeds(proto, jobs, store, workers=args.workers)
         print(f"all units done ({time.perf_counter() - t0:.0f} s)", flush=True)
     report(store, proto, cfg, meta, out, args.smoke)
+    store.export(runs)
 
 
 if __name__ == "__main__":

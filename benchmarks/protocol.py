@@ -395,10 +395,19 @@ def cached_backbone(name: str, config: Mapping[str, Any], make: Callable[[], Any
 class ResultStore:
     """A JSON dict of finished results, rewritten atomically after every put (resume)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, seed_from: Path | str | None = None) -> None:
+        """``seed_from``: a committed copy of the finished runs (``export``), read when ``path``
+        does not exist yet, so a fresh machine (an empty cache) resumes where another stopped."""
         self.path = Path(path)
-        self.data: dict[str, Any] = (json.loads(self.path.read_text())
-                                     if self.path.exists() else {})
+        src = self.path if self.path.exists() else (Path(seed_from) if seed_from else None)
+        self.data: dict[str, Any] = (json.loads(src.read_text())
+                                     if src is not None and src.exists() else {})
+
+    def export(self, path: Path | str) -> None:
+        """Write every finished run to ``path`` (atomically, sorted keys): the raw results
+        behind a report, committed next to it, and a ``seed_from`` for a later run."""
+        blob = json.dumps(self.data, sort_keys=True, separators=(",", ":"), default=str)
+        _atomic_write_bytes(Path(path), lambda p: p.write_text(blob + "\n"))
 
     def __contains__(self, key: str) -> bool:
         return key in self.data

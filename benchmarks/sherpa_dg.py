@@ -345,7 +345,8 @@ def main(argv=None) -> dict:
                                       else Path(args.data).name)
     out = Path(args.out) if args.out else (P.cache_root() / "smoke" / "sherpa_dg" if args.smoke
                                            else ROOT / "docs" / "results" / "sherpa_dg")
-    store = P.ResultStore(P.cache_root() / "results" / f"sherpa_dg_{tag}.json")
+    runs = out.parent / f"{out.name}_runs.json"  # committed: a fresh cache resumes from it
+    store = P.ResultStore(P.cache_root() / "results" / f"sherpa_dg_{tag}.json", seed_from=runs)
     M, B, pt = backbones(args)
     meta: dict = {"pretrain": pt, "anchors": {}, "probe": {}}
     needs_anchor = any(m.startswith("sh_") or m == "rp_anc" for m in methods)
@@ -366,6 +367,7 @@ def main(argv=None) -> dict:
             jobs += [(target, seed, rows, task) for seed in proto.seeds]
     P.run_seeds(proto, jobs, store, workers=args.workers)
     report(store, proto, args, meta, targets, methods, out)
+    store.export(runs)
     return {"store": store.data, "meta": meta, "out": str(out)}
 
 

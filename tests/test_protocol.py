@@ -202,3 +202,16 @@ def test_run_seeds_folds_units_into_the_store_and_resumes_from_shards(tmp_path):
     P.run_seeds(proto, [("x/y", s, methods, task) for s in (0, 1)], reread, workers=1,
                 log=lambda _: None)
     assert len(log) == 3 * len(grid)  # everything from the store: nothing trains again
+
+
+def test_result_store_exports_and_a_fresh_cache_resumes_from_the_export(tmp_path):
+    store = P.ResultStore(tmp_path / "cache" / "res.json")
+    store.update({"t|k|0|a": {"x": 1}, "t|k|1|a": {"x": 2}})
+    store.export(tmp_path / "docs" / "res_runs.json")
+    fresh = P.ResultStore(tmp_path / "other_cache" / "res.json",
+                          seed_from=tmp_path / "docs" / "res_runs.json")
+    assert fresh.data == store.data
+    # an existing cache wins over the export; no export at all starts empty
+    assert P.ResultStore(tmp_path / "cache" / "res.json", seed_from=tmp_path / "none").data \
+        == store.data
+    assert P.ResultStore(tmp_path / "x.json", seed_from=tmp_path / "none.json").data == {}
