@@ -222,7 +222,7 @@ def collect(store: P.ResultStore, proto: P.Protocol, tasks: list[str]):
     """``{task: {label: {seed: test acc}}}`` and ``{label: [Selected]}``."""
     acc: dict = {}
     sel: dict = {}
-    for key, val in store.data.items():
+    for key, val in store.runs().items():
         name, task, seed, label = key.split("|")
         if name != proto.name or task not in tasks:
             continue
@@ -268,7 +268,7 @@ def report(store, proto, cfg, meta, out: Path, smoke: bool):
     per = {n[6:]: acc.get(n, {}) for n in names}
     lines += ["### Input-level shift per corruption", "", P.paired_table(per, BASELINE, labels), ""]
     lines += orderings(cols) + [""] + chosen_rates(sel, proto) + [""]
-    shots = sorted({k for k in store.data if "|shots/" in k})
+    shots = sorted({k for k in store.runs() if "|shots/" in k})
     if shots:
         sh_names = sorted({k.split("|")[1] for k in shots}, key=lambda t: int(t.split("K=")[1]))
         sacc, _ = collect(store, proto, sh_names)
@@ -371,6 +371,7 @@ def main(argv=None):
                           f"auto_finetune{'_smoke' if args.smoke else ''}{suffix}.json",
                           seed_from=runs)
     tasks, meta = make_tasks(cfg)
+    store.bind({"backbones": [P.file_digest(meta[k]["path"]) for k in ("source10", "source4")]})
     t0 = time.perf_counter()
     if not args.report_only:
         jobs = [(name, seed, methods(cfg, args.bn, name), task)

@@ -392,6 +392,11 @@ def cached_backbone(name: str, config: Mapping[str, Any], make: Callable[[], Any
                    "config": dict(config)}
 
 
+def file_digest(path: Path | str) -> str:
+    """The first 16 hex digits of the SHA-256 of a file (a backbone's weights)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 class ResultStore:
     """A JSON dict of finished results, rewritten atomically after every put (resume)."""
 
@@ -402,6 +407,23 @@ class ResultStore:
         src = self.path if self.path.exists() else (Path(seed_from) if seed_from else None)
         self.data: dict[str, Any] = (json.loads(src.read_text())
                                      if src is not None and src.exists() else {})
+
+    CONTEXT = "__context__"
+
+    def bind(self, context: Mapping[str, Any]) -> None:
+        """Tie the runs to what they were made with (e.g. digests of the backbones): a store or
+        export holding runs of another context is refused, never mixed in."""
+        context = json.loads(json.dumps(context, sort_keys=True, default=str))
+        old = self.data.get(self.CONTEXT)
+        if old is not None and old != context:
+            raise SystemExit(f"{self.path} (or the export it started from) holds runs made with "
+                             f"{old}, not {context}; remove it to start over")
+        if old is None:
+            self.update({self.CONTEXT: context})
+
+    def runs(self) -> dict[str, Any]:
+        """The finished runs (without the context)."""
+        return {k: v for k, v in self.data.items() if k != self.CONTEXT}
 
     def export(self, path: Path | str) -> None:
         """Write every finished run to ``path`` (atomically, sorted keys): the raw results

@@ -208,7 +208,7 @@ def report(store, proto, args, meta, targets, methods, out: Path) -> None:
     acc: dict = {}
     idv: dict = {}
     sel: dict = {}
-    for k, v in store.data.items():
+    for k, v in store.runs().items():
         name, target, seed, label = k.split("|")
         if name != proto.name or target not in targets or label not in methods:
             continue
@@ -348,6 +348,8 @@ def main(argv=None) -> dict:
     runs = out.parent / f"{out.name}_runs.json"  # committed: a fresh cache resumes from it
     store = P.ResultStore(P.cache_root() / "results" / f"sherpa_dg_{tag}.json", seed_from=runs)
     M, B, pt = backbones(args)
+    store.bind({"backbones": {k: P.file_digest(v["path"]) for k, v in sorted(pt.items())}
+                or {"M": args.weights, "B": args.anchor_weights}})
     meta: dict = {"pretrain": pt, "anchors": {}, "probe": {}}
     needs_anchor = any(m.startswith("sh_") or m == "rp_anc" for m in methods)
     n_anchor = args.n_anchors if "sh_anc_a6" in methods else 1

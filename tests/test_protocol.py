@@ -215,3 +215,18 @@ def test_result_store_exports_and_a_fresh_cache_resumes_from_the_export(tmp_path
     assert P.ResultStore(tmp_path / "cache" / "res.json", seed_from=tmp_path / "none").data \
         == store.data
     assert P.ResultStore(tmp_path / "x.json", seed_from=tmp_path / "none.json").data == {}
+
+
+def test_result_store_refuses_runs_made_with_other_backbones(tmp_path):
+    store = P.ResultStore(tmp_path / "res.json")
+    store.bind({"backbones": ["aaaa"]})
+    store["t|k|0|a"] = {"x": 1}
+    store.export(tmp_path / "runs.json")
+    same = P.ResultStore(tmp_path / "fresh.json", seed_from=tmp_path / "runs.json")
+    same.bind({"backbones": ["aaaa"]})
+    assert same.runs() == {"t|k|0|a": {"x": 1}}  # the context is no run
+    other = P.ResultStore(tmp_path / "fresh2.json", seed_from=tmp_path / "runs.json")
+    with pytest.raises(SystemExit, match="holds runs made with"):
+        other.bind({"backbones": ["bbbb"]})
+    (tmp_path / "w").write_bytes(b"abc")
+    assert P.file_digest(tmp_path / "w") == "ba7816bf8f01cfea"
