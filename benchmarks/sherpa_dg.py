@@ -370,7 +370,7 @@ def main(argv=None) -> dict:
     P.run_seeds(proto, jobs, store, workers=args.workers)
     report(store, proto, args, meta, targets, methods, out)
     store.export(runs)
-    return {"store": store.data, "meta": meta, "out": str(out)}
+    return {"store": store.runs(), "meta": meta, "out": str(out)}
 
 
 if __name__ == "__main__":
