@@ -106,3 +106,16 @@ def run_units(fn: Callable[[dict], object], units: Sequence[dict], *, name: str,
         for fut in as_completed(futures):
             done(futures[fut], fut.result())
     return results
+
+
+def pool_map(fn: Callable, items: Sequence, *, workers: int | None = None,
+             threads: int = 1) -> list:
+    """``[fn(x) for x in items]`` in worker processes (one torch thread each, results in order),
+    uncached: for steps whose products are objects (models) rather than JSON rows. In this
+    process when there is at most one item or one worker."""
+    workers = max(1, min(available_cores() if workers is None else workers, len(items)))
+    if workers == 1:
+        return [fn(x) for x in items]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        return list(pool.map(fn, items))

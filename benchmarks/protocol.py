@@ -187,14 +187,16 @@ def _seed_unit(protocol: Protocol, methods: Sequence[Method], seed: int, task: A
 
 def run_seeds(protocol: Protocol, jobs: Sequence[tuple[str, int, Sequence[Method], Any]],
               store: ResultStore, workers: int | None = None,
-              log: Callable[[str], None] = print) -> None:
+              log: Callable[[str], None] = print, export: Path | str | None = None) -> None:
     """:func:`run_seed` for every ``(key, seed, methods, task)`` job, in ``workers`` processes
     with one torch thread each (default: the cores this process may use; 1 runs in-process).
 
     Each job writes its finished methods to a shard file next to ``store`` as it goes; the
     parent folds a finished job into ``store`` and removes its shard, so an interrupted run
-    resumes (from ``store`` and from the shards) instead of restarting. Methods and tasks must
-    be picklable (module-level functions, ``functools.partial``)."""
+    resumes (from ``store`` and from the shards) instead of restarting. ``export``: also rewrite
+    this copy of the finished runs (:meth:`ResultStore.export`, the committed file) after every
+    job, so a run cut short still leaves its finished units where a later machine finds them.
+    Methods and tasks must be picklable (module-level functions, ``functools.partial``)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -215,6 +217,8 @@ def run_seeds(protocol: Protocol, jobs: Sequence[tuple[str, int, Sequence[Method
 
     def fold(key, seed, data, shard):
         store.update(data)
+        if export is not None:
+            store.export(export)
         Path(shard).unlink(missing_ok=True)
         log(f"[{protocol.name}] {key} seed {seed} done ({time.perf_counter() - t0:.0f} s)")
 

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import protocol as P  # noqa: E402
+from _parallel import available_cores, pool_map  # noqa: E402
 
 from neuralign.data import list_domains, load_domains  # noqa: E402
 from neuralign.data.rotated import leave_one_domain_out, rotate, rotated_fashion_mnist  # noqa: E402
@@ -69,6 +70,7 @@ LABELS = {
     "sh_lam_a1": "SHERPA lambda start (0.5), head=anchor, A=1",
     "sh_sel_a1": "SHERPA-select (Kendall-tau), A=1",
 }
+ANCHOR_KEY = "anchors|"  # store entries describing each left-out domain's anchors
 DEFAULT_METHODS = "erm,erm2x,lpft,rp_anc,sh_new,sh_anc_a1,sh_anc_a6,sh_lam_a1"
 FULL = dict(per_domain=1000, pretrain_size=None, pretrain_epochs=8, width=16, epochs=6,
             lr_grid=(3e-3, 1e-2, 3e-2, 1e-1), seeds=10, n_anchors=6, align_batches=10)
@@ -105,8 +107,15 @@ def pretrain(args, seed: int):
     return P.cached_backbone("sherpa_dg_pt", conf, make, fit)
 
 
+def _pretrain_unit(args, seed: int) -> int:
+    pretrain(args, seed)
+    return seed
+
+
 def backbones(args):
     if args.data == "rotated_fashion_mnist":
+        if (args.workers or available_cores()) > 1:  # M and B side by side, then from cache
+            list(pool_map(partial(_pretrain_unit, args), (0, 1)))
         (m, im), (b, ib) = pretrain(args, 0), pretrain(args, 1)
         return m, b, {"M": im, "B": ib}
     m = (get_model(args.arch, weights=args.weights, allow_pickle=True) if args.weights
@@ -176,6 +185,11 @@ def dg_run(lr, seed, task, *, key):
                                       "equivalent_to_erm": res.info.get("equivalent_to_erm")})
 
 
+def _anchor_unit(job) -> tuple[str, list, dict]:
+    target, B, task, proto, n = job
+    return (target, *make_anchors(B, task, proto, n))
+
+
 def make_anchors(B, task, proto, n: int) -> tuple[list, dict]:
     """n anchors: B fine-tuned on the sources (ERM; rate picked on training-domain validation
     from the protocol's grid with anchor 0), one shared head initialisation (soups need it)."""
@@ -209,6 +223,8 @@ def report(store, proto, args, meta, targets, methods, out: Path) -> None:
     idv: dict = {}
     sel: dict = {}
     for k, v in store.runs().items():
+        if k.startswith(ANCHOR_KEY):
+            continue
         name, target, seed, label = k.split("|")
         if name != proto.name or target not in targets or label not in methods:
             continue
@@ -238,7 +254,7 @@ def report(store, proto, args, meta, targets, methods, out: Path) -> None:
     lines += ["## Anchors (one per left-out domain, not seeded runs)", "",
               "| left-out domain | anchor rate | anchor A=1 OOD | soup OOD |", "|---|---|---|---|"]
     for t in targets:
-        a = meta["anchors"].get(t)
+        a = store.data.get(f"{ANCHOR_KEY}{t}")
         if a:
             soup_ood = "–" if a["soup_ood"] is None else f"{100 * a['soup_ood']:.1f}"
             lines.append(f"| {t} | {a['lr']:g} | {100 * a['a1_ood']:.1f} | {soup_ood} |")
@@ -350,27 +366,36 @@ def main(argv=None) -> dict:
     M, B, pt = backbones(args)
     store.bind({"backbones": {k: P.file_digest(v["path"]) for k, v in sorted(pt.items())}
                 or {"M": args.weights, "B": args.anchor_weights}})
-    meta: dict = {"pretrain": pt, "anchors": {}, "probe": {}}
+    meta: dict = {"pretrain": pt, "probe": {}}
     needs_anchor = any(m.startswith("sh_") or m == "rp_anc" for m in methods)
     n_anchor = args.n_anchors if "sh_anc_a6" in methods else 1
-    jobs = []
+    tasks, anchor_jobs = {}, []
     for i, target in enumerate(targets):
         sp = split_fn(target)
-        task = {"M": M, "train": materialize(sp.train), "val": materialize(sp.val),
-                "test": materialize(sp.test), "k": sp.num_classes, "batch": args.batch_size,
-                "wd": args.weight_decay, "bn": args.bn, "epochs": args.epochs,
-                "align_batches": args.align_batches, "anchors": []}
+        tasks[target] = {"M": M, "train": materialize(sp.train), "val": materialize(sp.val),
+                         "test": materialize(sp.test), "k": sp.num_classes,
+                         "batch": args.batch_size, "wd": args.weight_decay, "bn": args.bn,
+                         "epochs": args.epochs, "align_batches": args.align_batches,
+                         "anchors": []}
         if i == 0 and args.data == "rotated_fashion_mnist":
             meta["probe"] = {"M": probe_quality(M, sp), "B": probe_quality(B, sp)}
-        if needs_anchor and not args.report_only:
-            task["anchors"], meta["anchors"][target] = make_anchors(B, task, proto, n_anchor)
-        if not args.report_only:
-            rows = [P.Method(m, partial(dg_run, key=m)) for m in methods]
-            jobs += [(target, seed, rows, task) for seed in proto.seeds]
-    P.run_seeds(proto, jobs, store, workers=args.workers)
+        done = all(f"{proto.name}|{target}|{s}|{m}" in store
+                   for s in proto.seeds for m in methods)
+        if needs_anchor and not done and not args.report_only:
+            anchor_jobs.append((target, B, tasks[target], proto, n_anchor))
+    # anchors of every unfinished domain in parallel; their descriptions go to the store
+    for target, anchors, info in pool_map(_anchor_unit, anchor_jobs, workers=args.workers):
+        tasks[target]["anchors"] = anchors
+        store[f"{ANCHOR_KEY}{target}"] = info
+    rows = [P.Method(m, partial(dg_run, key=m)) for m in methods]
+    # seed-major: a run cut short leaves whole seeds (every domain), which the report can pair
+    jobs = [] if args.report_only else [(t, seed, rows, tasks[t]) for seed in proto.seeds
+                                        for t in targets]
+    P.run_seeds(proto, jobs, store, workers=args.workers, export=runs)
     report(store, proto, args, meta, targets, methods, out)
     store.export(runs)
-    return {"store": store.runs(), "meta": meta, "out": str(out)}
+    runs_only = {k: v for k, v in store.runs().items() if not k.startswith(ANCHOR_KEY)}
+    return {"store": runs_only, "meta": meta, "out": str(out)}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from functools import partial
@@ -230,3 +231,21 @@ def test_result_store_refuses_runs_made_with_other_backbones(tmp_path):
         other.bind({"backbones": ["bbbb"]})
     (tmp_path / "w").write_bytes(b"abc")
     assert P.file_digest(tmp_path / "w") == "ba7816bf8f01cfea"
+
+
+def test_run_seeds_exports_every_finished_unit_as_it_goes(tmp_path):
+    """A run cut short after its first unit leaves that unit in the committed export."""
+    grid = (1e-3,)
+    proto = P.Protocol("t", grid, "target_val", epochs=1, seeds=(0, 1))
+    seen: list = []
+
+    def log(msg):  # called after each fold: the export must already hold that unit
+        if "done" in msg:
+            seen.append(sorted(json.loads((tmp_path / "runs.json").read_text())))
+
+    methods = [P.Method("a", partial(_run, log=[], val=[1], test=[0]))]
+    store = P.ResultStore(tmp_path / "res.json")
+    P.run_seeds(proto, [("k", s, methods, {"grid": grid, "split": "target_val"})
+                        for s in (0, 1)], store, workers=1, log=log,
+                export=tmp_path / "runs.json")
+    assert seen == [["t|k|0|a"], ["t|k|0|a", "t|k|1|a"]]
