@@ -161,6 +161,12 @@ def test_merge_package_exports_resolve_lazily():
     env = {**os.environ, "PYTHONPATH": str(Path(m.__file__).parents[2])}
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           check=True).stdout.strip() == "False"
+    # a name that is also a submodule's: importing the submodule first must not make the
+    # package attribute the module (``from neuralign.merge import repair`` is the function)
+    code = ("import neuralign.merge.repair; from neuralign.merge import repair, reset_bn; "
+            "print(callable(repair), repair.__module__)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True).stdout.strip() == "True neuralign.merge.repair"
 
 
 @pytest.mark.parametrize("elect", ["sum", "count"])

@@ -222,3 +222,90 @@ def test_layer_cka_refuses_a_module_run_twice_per_forward():
 
     with pytest.raises(Exception, match="more than once"):
         layer_cka(Twice(), Twice(), LOADER, layers_a=["lin"], layers_b=["lin"])
+
+
+def _bn_randomised(model, seed):
+    """Batch norms that are far from the identity (negative scales too), as after training."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.running_mean is not None:
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.2, 3.0, generator=g)
+            if m.weight is not None:
+                m.weight.data.normal_(0, 1.0, generator=g)
+                m.bias.data.normal_(0, 0.5, generator=g)
+    return model.eval()
+
+
+class _ConvBnLinearBn(nn.Module):
+    """conv -> BN (no affine) -> ReLU, a batch-statistics BN, linear -> BN1d -> ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6, affine=False)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1, stride=2)
+        self.bn2 = nn.BatchNorm2d(5, track_running_stats=False)  # batch statistics: measured
+        self.fc = nn.Linear(5 * 14 * 14, 7)
+        self.bn3 = nn.BatchNorm1d(7)
+        self.out = nn.Linear(7, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.out(torch.relu(self.bn3(self.fc(x.flatten(1)))))
+
+
+def _float64_units(model, name, x):
+    """A module's output in float64 as (samples, channels)."""
+    import copy
+
+    m, out = copy.deepcopy(model).double().eval(), []
+    # a copy: an in-place ReLU overwrites a norm's output after its hook
+    m.get_submodule(name).register_forward_hook(lambda _m, _i, o: out.append(o.clone()))
+    with torch.no_grad():
+        m(x.double())
+    return out[0].movedim(1, -1).reshape(-1, out[0].shape[1])
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: _model(s, "resnet20", width=1, norm="bn"),
+    lambda s: _model(s, "vgg11", width=0.25, norm="bn"),
+    lambda s: _ConvBnLinearBn(),
+    pytest.param(lambda s: __import__("torchvision").models.resnet18(num_classes=10),
+                 id="torchvision-resnet18"),
+], ids=["resnet20", "vgg11", "conv-bn-linear-bn", "torchvision-resnet18"])
+def test_derived_batchnorm_statistics_equal_measured_ones(make):
+    """An eval-mode BN output's statistics are derived from its input's, not measured; they
+    must equal the measured ones (and BNs on batch statistics must be measured)."""
+    torch.manual_seed(0)
+    a = _bn_randomised(make(0), 10)
+    torch.manual_seed(1)
+    b = _bn_randomised(make(1), 11)
+    x = torch.randn(64, 3 if any(isinstance(m, nn.Conv2d) and m.in_channels == 3
+                                 for m in a.modules()) else 1, 28, 28, generator=G)
+    loader = DataLoader(TensorDataset(x), batch_size=16)
+    spec = spec_from_model(a, x[:2])
+    fast, n_fast = activation_statistics(a, b, loader, spec)
+    slow, n_slow = activation_statistics(a, b, loader, spec, derive=False)
+    assert n_fast == n_slow == 4 and fast.keys() == slow.keys()
+    n_derived = sum(st.derived for st in fast.values())
+    assert n_derived > 0 and not any(st.derived for st in slow.values())
+    for k, st in fast.items():
+        assert st.n == slow[k].n
+        torch.testing.assert_close(st.corr(), slow[k].corr(), atol=1e-3, rtol=0)
+        torch.testing.assert_close(st.cov(), slow[k].cov(), atol=1e-4, rtol=1e-3)
+        p = spec.groups[k[0]].probes[k[1]]
+        if st.derived:  # and against float64 activations: derived is at least as accurate
+            za, zb = (_float64_units(m, p.name, x) for m in (a, b))
+            ref = torch.corrcoef(torch.cat([za, zb], 1).T)[:st.size, st.size:]
+            ok = torch.isfinite(ref)
+            err_fast = (st.corr() - ref)[ok].abs().max()
+            assert err_fast <= max(2e-5, (slow[k].corr() - ref)[ok].abs().max())
+    if isinstance(a, _ConvBnLinearBn):  # bn derived; bn2 (batch statistics) measured, and bn3
+        # too: its units are on dim -1, the channels only if the input has rank 2
+        names = {spec.groups[n].probes[i].name for (n, i), st in fast.items() if st.derived}
+        assert names == {"bn"}
+    with pytest.raises(RuntimeError, match="derived"):
+        next(st for st in fast.values() if st.derived).update(torch.zeros(2, 1), torch.zeros(2, 1))

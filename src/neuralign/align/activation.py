@@ -11,6 +11,8 @@ import time
 import torch
 from torch import fx, nn
 
+from neuralign.align._affine_probes import batchnorm_children, bn_scale_shift
+from neuralign.align.moments import ActivationStats, _Scratch
 from neuralign.align.weight import _State, check_same_architecture, solve_lap, weight_matching
 from neuralign.errors import DataError, SpecError
 from neuralign.evaluation import iter_batches, to_device, use_channels_last
@@ -73,19 +75,23 @@ class _Capture:
     """Runs a (copied) model on a batch and hands each probe's activation to ``sink(name,
     activation)`` as soon as it is computed (nothing is kept here)."""
 
-    def __init__(self, model: nn.Module, probes: list[Probe], device=None, sink=None):
+    def __init__(self, model: nn.Module, probes: list[Probe], device=None, sink=None,
+                 groups: dict | None = None):
+        """``groups`` (``{name: (size, probes)}``): find the probes whose statistics are
+        derivable (``derivable``); :meth:`start` then taps the others."""
         self.model = copy.deepcopy(model).eval()
         if device is not None:
             self.model.to(device)
         self.sink = sink
         node_names = {p.name for p in probes if p.kind == "node"}
+        self.derivable: dict[str, tuple[str, str]] = {}
         mods = dict(self.model.named_modules())
-        for p in probes:
-            if p.kind == "module":
-                if p.name not in mods:
-                    raise SpecError(f"probe module {p.name!r} is not in the model")
-                mods[p.name].register_forward_hook(self._hook(p.name))
-        self.runner = None
+        self._hooked = {p.name for p in probes if p.kind == "module"}
+        missing = self._hooked - set(mods)
+        if missing:
+            raise SpecError(f"probe module {min(missing)!r} is not in the model")
+        self.runner = self._gm = None
+        gm = None
         if node_names:
             gm = trace_model(self.model)
             have = {n.name for n in gm.graph.nodes}
@@ -93,7 +99,24 @@ class _Capture:
             if missing:
                 raise SpecError(f"probe node {min(missing)!r} is not in the traced model; "
                                 "derive the spec from this model")
-            self.runner = _tapped(gm, node_names, self.sink)
+            self._gm, self._names = gm, node_names
+        elif groups is not None and any(isinstance(mods[n], nn.modules.batchnorm._BatchNorm)
+                                        for n in self._hooked):
+            try:  # only to find which hooked batch norms follow which probes
+                gm = trace_model(self.model)
+            except Exception:  # noqa: BLE001 - untraceable: every probe is measured
+                gm = None
+        if gm is not None and groups is not None:
+            self.derivable = batchnorm_children(gm, groups)
+
+    def start(self, skip=()) -> _Capture:
+        """Tap and hook every probe but ``skip`` (whose statistics are derived instead)."""
+        mods = dict(self.model.named_modules())
+        for name in sorted(self._hooked - set(skip)):
+            mods[name].register_forward_hook(self._hook(name))
+        if self._gm is not None:
+            self.runner = _tapped(self._gm, self._names - set(skip), self.sink)
+        return self
 
     def _hook(self, name):
         def fn(_m, _i, out):
@@ -108,114 +131,6 @@ class _Capture:
                 self.model(**x) if isinstance(x, dict) else self.model(x)
 
 
-class _Scratch:
-    """Reusable float buffers for the per-batch temporaries of a statistics pass: a fresh
-    multi-megabyte tensor per probe and batch costs page faults (the allocator returns large
-    blocks to the system) that are a sizeable part of the pass; one buffer per shape does not."""
-
-    def __init__(self):
-        self.bufs: dict = {}
-
-    def get(self, slot: int, rows: int, size: int, like: torch.Tensor) -> torch.Tensor:
-        key = (slot, size, like.dtype, like.device)
-        buf = self.bufs.get(key)
-        if buf is None or buf.shape[0] < rows:
-            buf = self.bufs[key] = torch.empty(rows, size, dtype=like.dtype, device=like.device)
-        return buf[:rows]
-
-
-class ActivationStats:
-    """Streaming first and second moments of paired unit activations.
-
-    Totals are kept in float64 about a fixed per-unit shift, each batch's sums taken in the
-    activations' precision, the cross-products by GEMMs accumulating in float32 over up to
-    ``FLUSH_ROWS`` rows (a batch, or several small ones) before joining the float64 total.
-    When the first batch's means lie within ``RAW_MEANS`` standard deviations of zero in every
-    unit (activations after ReLU or a norm layer) the shift is zero and the sums are taken on
-    the raw activations (no centred copies): the
-    float64 totals then lose nothing to the means. Otherwise the shift is the first batch's
-    means and each batch is centred first (into ``scratch``'s reused buffers), so that large
-    means cost no precision either.
-    """
-
-    RAW_MEANS = 4.0
-    FLUSH_ROWS = 4096  # cross-products of up to this many rows are summed in float32 (by the
-    # GEMM, as one batch of that many rows would be) before joining the float64 total: a
-    # conversion and addition of the whole square per batch of a wide linear layer cost more
-    # than a tenth of its pass
-
-    def __init__(self, size: int):
-        self.size, self.n = size, 0
-        self.sa = self.sb = self.saa = self.sbb = self._sab = None
-        self._part, self._part_rows = None, 0  # cross-products not yet in ``_sab``
-        self.shift_a = self.shift_b = None
-        self.raw = False
-
-    def _flush(self) -> None:
-        if self._part_rows:
-            self._sab = self._sab + self._part  # not in place: may run outside inference mode
-            self._part_rows = 0
-
-    @property
-    def sab(self) -> torch.Tensor | None:
-        """The float64 sum of the (shifted) cross-products ``a_i b_j`` over every row seen."""
-        self._flush()
-        return self._sab
-
-    def update(self, za: torch.Tensor, zb: torch.Tensor, scratch: _Scratch | None = None) -> None:
-        za, zb = za.float(), zb.float()
-        if self.shift_a is None:
-            ma, mb = za.mean(0), zb.mean(0)
-            va, vb = ((z - m).square_().mean(0) for z, m in ((za, ma), (zb, mb)))
-            self.raw = bool((ma.square() <= self.RAW_MEANS ** 2 * va).all()
-                            and (mb.square() <= self.RAW_MEANS ** 2 * vb).all())
-            self.shift_a, self.shift_b = (torch.zeros_like(ma), torch.zeros_like(mb)) \
-                if self.raw else (ma, mb)
-            dev = za.device
-            self.sa, self.sb, self.saa, self.sbb = (
-                torch.zeros(self.size, dtype=torch.float64, device=dev) for _ in range(4))
-            self._sab = torch.zeros(self.size, self.size, dtype=torch.float64, device=dev)
-        scratch = scratch if scratch is not None else _Scratch()
-        rows = za.shape[0]
-        if self.raw:
-            ca, cb = za, zb
-        else:
-            ca = torch.sub(za, self.shift_a, out=scratch.get(0, rows, self.size, za))
-            cb = torch.sub(zb, self.shift_b, out=scratch.get(1, rows, self.size, zb))
-        self.n += rows
-        self.sa += ca.sum(0)
-        self.sb += cb.sum(0)
-        # squares into a reused buffer, then a column sum: several times cheaper than the
-        # diagonal of a Gram GEMM for every width (a narrow GEMM is no faster than a wide one)
-        sq = scratch.get(2, rows, self.size, za)
-        self.saa += torch.mul(ca, ca, out=sq).sum(0)
-        self.sbb += torch.mul(cb, cb, out=sq).sum(0)
-        if self._part_rows == 0:
-            self._part = torch.mm(ca.T, cb, out=self._part)
-        else:
-            self._part.addmm_(ca.T, cb)
-        self._part_rows += rows
-        if self._part_rows >= self.FLUSH_ROWS:
-            self._flush()
-
-    def _moments(self):
-        if self.n == 0:
-            raise DataError("no activations were recorded; is the loader empty?")
-        return self.sa / self.n, self.sb / self.n
-
-    def cov(self) -> torch.Tensor:
-        ma, mb = self._moments()
-        return (self.sab / self.n - torch.outer(ma, mb)).cpu()
-
-    def corr(self) -> torch.Tensor:
-        ma, mb = self._moments()
-        va = (self.saa / self.n - ma * ma).clamp_min(0).cpu()
-        vb = (self.sbb / self.n - mb * mb).clamp_min(0).cpu()
-        denom = torch.outer(va.sqrt(), vb.sqrt())
-        c = self.cov() / denom.clamp_min(1e-12)
-        return torch.where(denom > 1e-12, c, torch.zeros_like(c))
-
-
 def _run_batch(capture, x, which):
     try:
         return capture(x)
@@ -228,9 +143,13 @@ def _run_batch(capture, x, which):
 
 
 def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec: PermutationSpec,
-                          *, max_batches: int | None = None, device=None):
+                          *, max_batches: int | None = None, device=None, derive: bool = True):
     """One pass over ``batches`` (a loader): per group and probe, the streaming
     ``ActivationStats`` of the two models' activations. Returns ``(stats, batches seen)``.
+
+    ``derive``: a probe that is an eval-mode batch norm of another probe of its group is not
+    measured; its statistics follow exactly from its input's (``ActivationStats.affine``; equal
+    up to float rounding). ``False`` measures every probe.
 
     For each batch model A runs first and keeps its probes' outputs; model B's probes then add
     each pair to the statistics as soon as they are computed, and A's copy is dropped. Nothing
@@ -239,10 +158,7 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
     dev = torch.device(device) if device is not None else next(model_a.parameters()).device
     stats = {(n, i): ActivationStats(g.size) for n, g in spec.groups.items()
              for i, _ in enumerate(g.probes)}
-    users: dict[str, list] = {}
-    for (n, i), st in stats.items():
-        p = spec.groups[n].probes[i]
-        users.setdefault(p.name, []).append((st, p))
+    groups = {n: (g.size, list(g.probes)) for n, g in spec.groups.items()} if derive else None
     scratch = _Scratch()
     held: dict[str, list] = {}  # copies of A's outputs of this batch not yet paired (a module
     # called twice in a forward pairs call k of A with call k of B)
@@ -267,8 +183,16 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
             buf = copies[key] = torch.empty_like(out_a)
         calls.append(buf.copy_(out_a))
 
-    cap_a = _Capture(model_a, probes, dev, sink=hold)
-    cap_b = _Capture(model_b, probes, dev, sink=pair)
+    cap_a = _Capture(model_a, probes, dev, sink=hold, groups=groups)
+    cap_b = _Capture(model_b, probes, dev, sink=pair, groups=groups)
+    derived = {k: v for k, v in cap_a.derivable.items() if cap_b.derivable.get(k) == v}
+    derived = {k: v for k, v in derived.items() if v[0] not in derived}  # measured inputs only
+    cap_a.start(derived), cap_b.start(derived)
+    users: dict[str, list] = {}
+    for (n, i), st in stats.items():
+        p = spec.groups[n].probes[i]
+        if p.name not in derived:
+            users.setdefault(p.name, []).append((st, p))
     cl = use_channels_last(None, dev)
     seen = 0
     for b in iter_batches(batches):
@@ -281,6 +205,14 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
         _run_batch(cap_b, x, "B")
         held.clear()
         seen += 1
+    for (n, i) in stats:
+        p = spec.groups[n].probes[i]
+        if p.name in derived:
+            src, bn = derived[p.name]
+            j = next(j for j, q in enumerate(spec.groups[n].probes)
+                     if q.name == src and q.dim == p.dim)
+            stats[(n, i)] = stats[(n, j)].affine(*bn_scale_shift(cap_a.model.get_submodule(bn)),
+                                                 *bn_scale_shift(cap_b.model.get_submodule(bn)))
     return stats, seen
 
 

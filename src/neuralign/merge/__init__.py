@@ -24,6 +24,9 @@ _EXPORTS = {
                      "task_arithmetic", "task_merge", "task_vector", "ties_merge"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+# ``repair`` is also a submodule's name: bound now, or importing ``neuralign.merge.repair``
+# first would leave the package attribute the module instead of the function
+from neuralign.merge.repair import repair  # noqa: E402
 
 __all__ = [
     "METHODS",
