@@ -154,8 +154,26 @@ def select(runs: Sequence[Run], split: str) -> Run:
 def run_method(protocol: Protocol, method: Method, seed: int, task: Any) -> Selected:
     """Every grid point (or the single run of an untuned method), then selection."""
     lrs: Iterable[float | None] = protocol.lr_grid if method.tuned else (None,)
-    runs = [method.fn(lr, seed, task) for lr in lrs]
-    return Selected(method.label, seed, select(runs, protocol.selection), runs)
+    runs = [_attempt(protocol, method, lr, seed, task) for lr in lrs]
+    chosen = select(runs, protocol.selection)
+    if "diverged" in chosen.info:
+        raise RuntimeError(f"{method.label}, seed {seed}: training diverged at every rate of "
+                           f"the grid {list(lrs)}; lower the grid")
+    return Selected(method.label, seed, chosen, runs)
+
+
+def _attempt(protocol: Protocol, method: Method, lr, seed: int, task: Any) -> Run:
+    """One grid point; a run that diverges is a failed candidate (validation score -1, never
+    selected while any rate trains), as in any grid search, not the end of the benchmark."""
+    from neuralign.errors import NeuralignError
+
+    try:
+        return method.fn(lr, seed, task)
+    except NeuralignError as exc:
+        if not str(exc).startswith("training diverged"):
+            raise
+        return Run(lr=lr, scores={protocol.selection: -1.0}, epochs=protocol.epochs,
+                   info={"diverged": str(exc)})
 
 
 def run_seed(protocol: Protocol, methods: Sequence[Method], seed: int, task: Any,

@@ -73,7 +73,7 @@ LABELS = {
 ANCHOR_KEY = "anchors|"  # store entries describing each left-out domain's anchors
 DEFAULT_METHODS = "erm,erm2x,lpft,rp_anc,sh_new,sh_anc_a1,sh_anc_a6,sh_lam_a1"
 FULL = dict(per_domain=600, pretrain_size=None, pretrain_epochs=8, width=16, epochs=6, px=14,
-            lr_grid=(3e-3, 1e-2, 3e-2, 1e-1), seeds=10, n_anchors=6, align_batches=10)
+            lr_grid=(1e-2, 3e-2, 1e-1, 3e-1), seeds=10, n_anchors=6, align_batches=10)
 SMOKE = dict(per_domain=40, pretrain_size=400, pretrain_epochs=1, width=4, epochs=1, px=14,
              lr_grid=(1e-2, 3e-2), seeds=2, n_anchors=2, align_batches=2, targets="rot0,rot45")
 
@@ -383,7 +383,10 @@ def main(argv=None) -> dict:
     store = P.ResultStore(P.cache_root() / "results" / f"sherpa_dg_{tag}.json", seed_from=runs)
     M, B, pt = backbones(args)
     store.bind({"backbones": {k: P.file_digest(v["path"]) for k, v in sorted(pt.items())}
-                or {"M": args.weights, "B": args.anchor_weights}})
+                or {"M": args.weights, "B": args.anchor_weights},  # and what defines a run:
+                "lr_grid": list(proto.lr_grid), "epochs": args.epochs, "bn": args.bn,
+                "per_domain": args.per_domain, "px": args.px, "batch": args.batch_size,
+                "weight_decay": args.weight_decay})
     meta: dict = {"pretrain": pt, "probe": {}}
     needs_anchor = any(m.startswith("sh_") or m == "rp_anc" for m in methods)
     n_anchor = args.n_anchors if "sh_anc_a6" in methods else 1

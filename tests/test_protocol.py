@@ -249,3 +249,26 @@ def test_run_seeds_exports_every_finished_unit_as_it_goes(tmp_path):
                         for s in (0, 1)], store, workers=1, log=log,
                 export=tmp_path / "runs.json")
     assert seen == [["t|k|0|a"], ["t|k|0|a", "t|k|1|a"]]
+
+
+def test_a_diverged_rate_is_a_failed_candidate_not_a_crash():
+    from neuralign.errors import NeuralignError
+
+    grid = (1e-2, 1e-1, 1.0)
+    proto = P.Protocol("t", grid, "target_val", epochs=2, seeds=(0,))
+
+    def fn(lr, seed, task, *, diverge):
+        if lr in diverge:
+            raise NeuralignError("training diverged (loss nan) at epoch 1, step 3")
+        return P.Run(lr=lr, scores={"target_val": lr, "test": 0.5}, epochs=2)
+
+    s = P.run_method(proto, P.Method("m", partial(fn, diverge={1.0})), 0, None)
+    assert s.chosen.lr == 1e-1 and s.runs == 3  # the diverged run still counts as compute
+    assert "diverged" in s.candidates[2].info
+    with pytest.raises(RuntimeError, match="diverged at every rate"):
+        P.run_method(proto, P.Method("m", partial(fn, diverge=set(grid))), 0, None)
+
+    def other(lr, seed, task):  # any other error is a bug: it propagates
+        raise NeuralignError("the loader is empty")
+    with pytest.raises(NeuralignError, match="empty"):
+        P.run_method(proto, P.Method("m", other), 0, None)
