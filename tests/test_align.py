@@ -246,3 +246,33 @@ def test_weight_matching_rejects_bad_tolerances():
     spec, a, b = _independent_pair()
     with pytest.raises(NeuralignError, match="tol >= 0"):
         weight_matching(spec, a, b, tol=-1)
+
+
+def test_a_group_seen_through_one_vector_is_solved_exactly_by_sorting(monkeypatch):
+    """Rank-1 scores (a bias alone: the staged start of transformer MLP groups) are solved by
+    pairing sorted units, not by the LAP solver (slowest there); the result must reach the
+    LAP's optimum, ties included."""
+    from scipy.optimize import linear_sum_assignment
+
+    import neuralign.align.weight as W
+
+    def no_lap(_s):
+        raise AssertionError("a rank-1 group went to the LAP solver")
+    monkeypatch.setattr(W, "solve_lap", no_lap)
+
+    from neuralign.spec.core import Group, PermutationSpec, Place
+
+    g = torch.Generator().manual_seed(3)
+    for n, ties in ((7, False), (300, False), (64, True)):
+        u, v = torch.randn(n, generator=g), torch.randn(n, generator=g)
+        if ties:  # many equal entries
+            u, v = u.round(), v.round()
+        spec = PermutationSpec({"h": Group("h", n, [Place("b", 0)])})
+        perm = weight_matching(spec, {"b": u}, {"b": v}, tol=0.0)
+        s = torch.outer(u.double(), v.double()).numpy()
+        rows, cols = linear_sum_assignment(s, maximize=True)
+        best = float(s[rows, cols].sum())
+        got = float((u.double() * v.double()[perm["h"]]).sum())
+        assert got == pytest.approx(best, rel=1e-12, abs=1e-9)
+        assert perm.info["objective"] == pytest.approx(best, rel=1e-5, abs=1e-5)
+        assert sorted(perm["h"].tolist()) == list(range(n))
