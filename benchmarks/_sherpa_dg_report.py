@@ -70,7 +70,9 @@ def report(store, proto, args, meta, targets, methods, out: Path, LABELS: dict) 
         lab = LABELS[key]
         if lab in avg and "ERM" in avg:
             p = P.compare(avg, lab, "ERM")
-            note = " (a provable no-op: any nonzero value is float rounding)" if key in (
+            note = (" (a provable no-op: the permuted model differs from ERM's only by float "
+                    "rounding, which training at these rates amplifies; this row is the noise "
+                    "floor of every comparison here)") if key in (
                 "sh_new", "rp_new") else ""
             lines.append(f"- {lab}: {100 * p.mean:+.2f} ± {100 * p.se:.2f} (n={p.n}): "
                          f"**{P.verdict(p)}**{note}.")
