@@ -276,3 +276,74 @@ def test_a_group_seen_through_one_vector_is_solved_exactly_by_sorting(monkeypatc
         assert got == pytest.approx(best, rel=1e-12, abs=1e-9)
         assert perm.info["objective"] == pytest.approx(best, rel=1e-5, abs=1e-5)
         assert sorted(perm["h"].tolist()) == list(range(n))
+
+
+def _zoo_pair(source, name):
+    from neuralign.spec import zoo
+
+    if source == "hand":  # a group on both axes of one tensor (a recurrent weight)
+        from neuralign.spec.core import Group, PermutationSpec, Place
+
+        spec = PermutationSpec({"h": Group("h", 24, [Place("w", 0), Place("w", 1),
+                                                     Place("v", 1)]),
+                                "g": Group("g", 16, [Place("v", 0), Place("u", 1)])})
+        gen = torch.Generator().manual_seed(0)
+        a, b = ({"w": torch.randn(24, 24, generator=gen), "v": torch.randn(16, 24, generator=gen),
+                 "u": torch.randn(8, 16, generator=gen)} for _ in range(2))
+        return spec, a, b
+    pytest.importorskip({"torchvision": "torchvision", "timm": "timm",
+                         "hf": "transformers"}[source])
+    entries = {"torchvision": zoo.torchvision_entries, "timm": zoo.timm_entries,
+               "hf": zoo.hf_entries}[source]()
+    (entry,) = [e for e in entries if e.name == name]
+    torch.manual_seed(0)
+    a, x = entry.build()
+    torch.manual_seed(1)
+    b, _ = entry.build()
+    return spec_from_model(a, x), a, b
+
+
+@pytest.mark.parametrize("source,name", [("torchvision", "resnet18"),
+                                         ("timm", "vit_tiny_patch16_224"),
+                                         ("hf", "GPT2LMHeadModel"), ("hand", "recurrent")])
+def test_weight_matching_updated_similarities_equal_recomputed_ones(monkeypatch, source, name):
+    """After the first sweep a group's similarity matrix is updated from its last one over the
+    columns of b that changed (and reordered with its own units). On a residual net, a ViT
+    (heads) and GPT-2 (q, k, v in one tensor): every matrix equals the one computed from
+    scratch, updates are used, and the result is that of recomputing everything. A group on two
+    axes of one tensor is recomputed (its own moves change its columns)."""
+    import neuralign.align.weight as W
+
+    spec, a, b = _zoo_pair(source, name)
+    if isinstance(a, torch.nn.Module):
+        a, b = a.eval(), b.eval()
+    score = W._State.score
+    calls = {"updated": 0, "fresh": 0}
+
+    def checked(self, n):
+        updated = n in self.S
+        s = score(self, n)
+        if s is not None:
+            fresh = None
+            for pl, am in self.amats[n]:
+                t = am @ W.unit_matrix(self.B[pl.key], pl, self.spec.groups[n].size).T
+                fresh = t if fresh is None else fresh + t
+            assert torch.allclose(s, fresh, rtol=1e-4, atol=1e-4 * fresh.abs().max().item())
+            calls["updated" if updated else "fresh"] += 1
+        return s
+
+    monkeypatch.setattr(W._State, "score", checked)
+    init = random_permutation(spec, 0)  # a start far from the optimum: many sweeps
+    got = weight_matching(spec, a, b, seed=0, tol=0, max_iter=4, init=init)
+    assert calls["updated"] > 0 and calls["fresh"] > 0
+    monkeypatch.setattr(W._State, "score", score)
+    setup = W._State.__init__
+
+    def no_cache(self, *args, **kw):
+        setup(self, *args, **kw)
+        self.cached = dict.fromkeys(self.cached, False)
+
+    monkeypatch.setattr(W._State, "__init__", no_cache)
+    ref = weight_matching(spec, a, b, seed=0, tol=0, max_iter=4, init=init)
+    assert got.info["objective"] == pytest.approx(ref.info["objective"], rel=1e-6)
+    assert sum(not torch.equal(got[n], ref[n]) for n in spec.groups) <= 1  # float ties at most
