@@ -6,19 +6,24 @@ seeded s + 100). Each (model, seed) is one unit run in a worker process with one
 (``benchmarks/_parallel.py``; finished units are cached, so a rerun resumes). Per unit:
 
 * neuralign end to end with the default stopping rule (``tol=1e-3``): spec tracing, matching,
-  applying the permutation (run twice, before and after the full run; the faster counts);
+  applying the permutation, and rebasin end to end (setup, ``calculate_permutations``,
+  ``apply_permutations``), after an untimed warm-up of both, alternating ``--repeats`` times
+  (ours, theirs, ours, theirs, ...), so that drifts in machine speed fall on both; the per-seed
+  speed-up is the ratio of their geometric means;
 * neuralign to full convergence (``tol=0``), recording the objective after every sweep (the
   time-to-objective curve);
-* rebasin end to end (setup, ``calculate_permutations``, ``apply_permutations``), recording its
-  objective after every sweep; the time spent measuring that objective (on a copy) is taken off
-  its clock.
+* rebasin's first run records its objective after every sweep; the time spent measuring that
+  objective (on a copy) is taken off its clock.
+
+Across seeds: the geometric mean speed-up with the standard error of the mean log speed-up
+(delta method), and paired objective differences with their standard errors.
 
 Objective: ``sum_k <A_k, P(B)_k>`` over the tensors of neuralign's spec (higher is better; the
 same formula on the model rebasin returns). From the curves: the time neuralign needs to reach
 rebasin's final objective and 99.9% of its own converged objective (spec time included).
 
-    .venv/bin/python benchmarks/alignment_speed.py [--models resnet18,resnet50] [--workers 2]
-        [--threads 1] [--no-rebasin] [--rerun]
+    .venv/bin/python benchmarks/alignment_speed.py [--models resnet18,resnet50] [--seeds 0,1,2,3,4]
+        [--repeats 2] [--workers 2] [--threads 1] [--no-rebasin] [--rerun]
 
 Writes docs/results/alignment_speed.md, .json and .png.
 """
@@ -39,9 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _parallel import available_cores, run_units
+from _ratios import fmt, geometric_mean
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
-VERSION = "3"  # bump when what a unit measures changes
+VERSION = "4"  # bump when what a unit measures changes
 
 
 def build(arch, seed):
@@ -79,7 +85,7 @@ def run_ours(a, b, x, seed, tol):
                   "lap_s": i["lap_time_s"], "skipped": i["groups_skipped"]}
 
 
-def run_rebasin(a, b, x, seed, spec):
+def run_rebasin(a, b, x, seed, spec, curve=True):
     from rebasin import PermutationCoordinateDescent
 
     from neuralign.align import weight_objective
@@ -97,10 +103,11 @@ def run_rebasin(a, b, x, seed, spec):
         nonlocal off
         progress = step(loop)
         t = time.perf_counter()
-        snap = copy.deepcopy(pcd)
-        snap.apply_permutations()
-        curve_obj.append(weight_objective(spec, a, snap.model_b))
-        del snap
+        if curve:
+            snap = copy.deepcopy(pcd)
+            snap.apply_permutations()
+            curve_obj.append(weight_objective(spec, a, snap.model_b))
+            del snap
         off += time.perf_counter() - t
         curve_t.append(time.perf_counter() - t0 - off)
         return progress
@@ -109,9 +116,10 @@ def run_rebasin(a, b, x, seed, spec):
     pcd.calculate_permutations(100)
     pcd.apply_permutations()
     total = time.perf_counter() - t0 - off
-    return {"total_s": total, "setup_s": setup, "sweeps": len(curve_t) - 1,
-            "objective": weight_objective(spec, a, pcd.model_b), "curve_t": curve_t,
-            "curve_obj": curve_obj, "groups": len(pcd.pinit.model_graph.permutation_to_info)}
+    out = {"total_s": total, "setup_s": setup, "sweeps": len(curve_t) - 1,
+           "objective": weight_objective(spec, a, pcd.model_b),
+           "groups": len(pcd.pinit.model_graph.permutation_to_info)}
+    return dict(out, curve_t=curve_t, curve_obj=curve_obj) if curve else out
 
 
 def unit(u):
@@ -119,19 +127,26 @@ def unit(u):
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     row = {"model": u["model"], "seed": u["seed"], "threads": torch.get_num_threads(),
            "load_start": os.getloadavg()[0]}
-    # the default run twice (before and after the full one), keeping the faster: the first
-    # call in a fresh process also pays one-off warm-up costs
-    spec, first = run_ours(a, b, x, u["seed"], tol=1e-3)
+    # untimed warm-up of both (first calls in a fresh process pay one-off costs)
+    spec, _ = run_ours(a, b, x, u["seed"], tol=1.0)
+    if u["rebasin"]:
+        from rebasin import PermutationCoordinateDescent
+        PermutationCoordinateDescent(copy.deepcopy(a), copy.deepcopy(b), x)
+    ours, theirs = [], []
+    for r in range(u["repeats"]):  # alternate: ours, theirs, ours, theirs, ...
+        spec, d = run_ours(a, b, x, u["seed"], tol=1e-3)
+        ours.append(d)
+        if u["rebasin"]:
+            try:
+                theirs.append(run_rebasin(a, b, x, u["seed"], spec, curve=r == 0))
+            except Exception as exc:  # noqa: BLE001 - report what the package does
+                row["rebasin_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                u = dict(u, rebasin=False)
     row["groups"] = len(spec)
     _, row["full"] = run_ours(a, b, x, u["seed"], tol=0.0)
-    _, second = run_ours(a, b, x, u["seed"], tol=1e-3)
-    row["default"] = min(first, second, key=lambda d: d["total_s"])
-    row["default"]["repeats_s"] = [first["total_s"], second["total_s"]]
-    if u["rebasin"]:
-        try:
-            row["rebasin"] = run_rebasin(a, b, x, u["seed"], spec)
-        except Exception as exc:  # noqa: BLE001 - report what the package does
-            row["rebasin_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    row["default"] = dict(ours[0], repeats_s=[d["total_s"] for d in ours])
+    if theirs:
+        row["rebasin"] = dict(theirs[0], repeats_s=[d["total_s"] for d in theirs])
     row["load_end"] = os.getloadavg()[0]
     return row
 
@@ -141,26 +156,40 @@ def first_time(curve_t, curve_obj, target):
     return next((t for t, o in zip(curve_t, curve_obj) if o >= target), None)
 
 
+def _gmean(v):
+    return float(np.exp(np.mean(np.log(v))))
+
+
 def summarise(r):
     full, d = r["full"], r["default"]
-    s = {"ours_default_s": d["total_s"], "ours_default_obj": d["objective"],
+    s = {"ours_default_s": _gmean(d["repeats_s"]), "ours_default_obj": d["objective"],
          "ours_full_s": full["total_s"], "ours_full_obj": full["objective"],
          "t_999": first_time(full["curve_t"], full["curve_obj"], 0.999 * full["objective"])}
     if "rebasin" in r:
         rb = r["rebasin"]
-        s.update(rebasin_s=rb["total_s"], rebasin_obj=rb["objective"],
+        s.update(rebasin_s=_gmean(rb["repeats_s"]), rebasin_obj=rb["objective"],
+                 obj_diff=d["objective"] - rb["objective"],
                  t_reach_rebasin=first_time(full["curve_t"], full["curve_obj"], rb["objective"]))
-        s["speedup_default"] = rb["total_s"] / d["total_s"]
+        s["speedup"] = s["rebasin_s"] / s["ours_default_s"]
         if s["t_reach_rebasin"]:
-            s["speedup_to_rebasin_obj"] = rb["total_s"] / s["t_reach_rebasin"]
+            s["speedup_to_obj"] = s["rebasin_s"] / s["t_reach_rebasin"]
     return s
 
 
 def _ms(v, fmt="{:.2f}"):
+    """Mean ± standard error over seeds."""
     v = np.asarray([x for x in v if x is not None], dtype=np.float64)
     if len(v) == 0:
         return "—"
-    return fmt.format(v.mean()) if len(v) == 1 else (fmt + " ± " + fmt).format(v.mean(), v.std())
+    if len(v) == 1:
+        return fmt.format(v.mean())
+    return (fmt + " ± " + fmt).format(v.mean(), v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def _speedup(v):
+    """Geometric mean of per-seed speed-ups ± its standard error (delta method on the logs)."""
+    v = [x for x in v if x is not None]
+    return fmt(geometric_mean(v), "{:.1f}", "×") if v else "—"
 
 
 def plot(rows, path):
@@ -172,17 +201,16 @@ def plot(rows, path):
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False)
     for ax, m in zip(axes[0], models):
-        for r in (r for r in rows if r["model"] == m):
+        for i, r in enumerate(r for r in rows if r["model"] == m):  # one line per seed
             ref = r["full"]["objective"]
-            ls = "-" if r["seed"] == rows[0]["seed"] else "--"
-            ax.plot(r["full"]["curve_t"], np.array(r["full"]["curve_obj"]) / ref, "o" + ls,
-                    color="C0", ms=3, label=f"neuralign (seed {r['seed']})")
+            ax.plot(r["full"]["curve_t"], np.array(r["full"]["curve_obj"]) / ref, "o-",
+                    color="C0", ms=2, lw=0.8, alpha=0.7, label=None if i else "neuralign, tol=0")
             d = r["default"]
-            ax.plot([d["total_s"]], [d["objective"] / ref], "*", color="C0", ms=11)
+            ax.plot([d["total_s"]], [d["objective"] / ref], "*", color="C0", ms=9)
             if "rebasin" in r:
                 rb = r["rebasin"]
-                ax.plot(rb["curve_t"], np.array(rb["curve_obj"]) / ref, "s" + ls, color="C3",
-                        ms=3, label=f"rebasin (seed {r['seed']})")
+                ax.plot(rb["curve_t"], np.array(rb["curve_obj"]) / ref, "s-", color="C3",
+                        ms=2, lw=0.8, alpha=0.7, label=None if i else "rebasin")
         ax.set_xscale("log")
         ax.set_title(m)
         ax.set_xlabel("seconds (1 thread)")
@@ -190,7 +218,8 @@ def plot(rows, path):
         ax.set_ylim(bottom=max(ax.get_ylim()[0], 0.85))
         ax.axhline(0.999, color="grey", lw=0.5)
         ax.legend(fontsize=7)
-    fig.suptitle("weight matching: objective vs time\n(star: neuralign end to end, default tol=1e-3)",
+    fig.suptitle("weight matching: objective vs time, one line per seed\n(star: neuralign end "
+                 "to end, default tol=1e-3)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -201,24 +230,31 @@ def write(rows, args, wall):
     OUT.mkdir(parents=True, exist_ok=True)
     sums = [dict(summarise(r), model=r["model"]) for r in rows]
     loads = [r[k] for r in rows for k in ("load_start", "load_end")]
+    cpu = sum(r["full"]["total_s"] + sum(r["default"]["repeats_s"])
+              + sum(r.get("rebasin", {}).get("repeats_s", [])) for r in rows)
     lines = [
         "# Weight matching speed: objective versus time", "",
         f"Generated by `benchmarks/alignment_speed.py` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
         f"{available_cores()} cores, {args.workers} worker processes with {args.threads} torch "
-        f"thread(s) each, {wall / 60:.1f} min). Random torchvision weights, seeds "
-        f"{args.seeds}, mean ± std over seeds. 1-min load average {min(loads):.1f}-"
-        f"{max(loads):.1f} on {available_cores()} cores during the runs (the benchmark's own "
-        f"{args.workers} workers count {args.workers}); both libraries run in the same process "
-        "on the same pair of models, one after the other.", "",
+        f"thread(s) each, {wall / 60:.1f} min wall, {cpu / 60:.1f} min of timed runs). Random "
+        f"torchvision weights, seeds {args.seeds}; each seed runs both libraries "
+        f"{args.repeats} times, alternating, in one process on the same pair of models. "
+        f"1-min load average {min(loads):.1f}-{max(loads):.1f} on {available_cores()} cores "
+        f"(the benchmark's own {args.workers} workers count {args.workers}).", "",
         "Objective: `sum_k <A_k, P(B)_k>` over every tensor of neuralign's spec (higher is "
-        "better; the same formula on the model rebasin returns). End to end = spec tracing (or "
-        "rebasin's setup) + matching + applying the permutation.", "",
-        "| model | groups (ours / rebasin) | ours, default tol=1e-3: s | objective | ours, tol=0: s "
-        "| objective (converged) | ours: s to 99.9% of converged | rebasin: s | objective "
-        "| ours: s to rebasin's objective | speed-up end to end (default) | speed-up to "
-        "rebasin's objective |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "better; the same formula on the model rebasin returns). End to end = spec tracing "
+        "(with its check that a random permutation preserves the function) or rebasin's setup, "
+        "+ matching + applying the permutation.", "",
+        "Times and objectives: mean ± standard error over seeds (a seed's time is the geometric "
+        "mean of its repeats). Speed-ups: geometric mean over seeds of the per-seed ratio, ± its "
+        "standard error (delta method on the logs). Objective difference: ours (default) minus "
+        "rebasin's, paired by seed.", "",
+        "| model | seeds | groups (ours / rebasin) | ours, default tol=1e-3: s | objective "
+        "| ours, tol=0: s | objective (converged) | ours: s to 99.9% of converged | rebasin: s "
+        "| objective | objective, ours − rebasin | ours: s to rebasin's objective "
+        "| speed-up end to end (default) | speed-up to rebasin's objective |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in dict.fromkeys(s["model"] for s in sums):
         ss = [s for s in sums if s["model"] == m]
         rs = [r for r in rows if r["model"] == m]
@@ -228,12 +264,13 @@ def write(rows, args, wall):
         rb_groups = next((r["rebasin"]["groups"] for r in rs if "rebasin" in r), "—")
         err = next((r["rebasin_error"] for r in rs if "rebasin_error" in r), None)
         lines.append(
-            f"| {m} | {rs[0]['groups']} / {rb_groups} | {col('ours_default_s')} | "
+            f"| {m} | {len(ss)} | {rs[0]['groups']} / {rb_groups} | {col('ours_default_s')} | "
             f"{col('ours_default_obj', '{:.1f}')} | {col('ours_full_s')} | "
             f"{col('ours_full_obj', '{:.1f}')} | {col('t_999')} | "
             f"{err or col('rebasin_s')} | {col('rebasin_obj', '{:.1f}')} | "
-            f"{col('t_reach_rebasin')} | {col('speedup_default', '{:.1f}')}× | "
-            f"{col('speedup_to_rebasin_obj', '{:.1f}')}× |")
+            f"{col('obj_diff', '{:.1f}')} | {col('t_reach_rebasin')} | "
+            f"{_speedup([s.get('speedup') for s in ss])} | "
+            f"{_speedup([s.get('speedup_to_obj') for s in ss])} |")
     lines += ["", "![objective vs time](alignment_speed.png)", "",
               "Per run (curves: seconds and objective after the spec / setup and after each "
               "sweep):", "", "```", json.dumps(rows, indent=1), "```", ""]
@@ -245,13 +282,14 @@ def write(rows, args, wall):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet18,resnet50,vit_b_16")
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each library")
     ap.add_argument("--workers", type=int, default=available_cores())
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-rebasin", action="store_true")
     ap.add_argument("--rerun", action="store_true", help="ignore the cached units")
     args = ap.parse_args()
-    units = [{"model": m, "seed": s, "rebasin": not args.no_rebasin}
+    units = [{"model": m, "seed": s, "rebasin": not args.no_rebasin, "repeats": args.repeats}
              for m in args.models.split(",") for s in map(int, args.seeds.split(","))]
     t0 = time.time()
     rows = run_units(unit, units, name="alignment_speed", workers=args.workers,

@@ -17,8 +17,10 @@ subset of the training images per model so that a unit takes minutes on one core
   channels-last strides, so their batches are channels-last too.
 
 Each unit runs in its own worker process with one torch thread (``benchmarks/_parallel.py``);
-inside a unit the variants are interleaved (A, B, A, B, ...) and the medians compared, so each
-ratio is measured in one process under the same load. Ratios: neuralign time / hand time.
+inside a unit the variants are interleaved (A, B, A, B, ...) and each repeat's times are
+paired, so each ratio is measured in one process under the same load. Ratios: neuralign time /
+hand time, the geometric mean over repeats of the paired ratios ± its standard error (delta
+method on the logs).
 
     .venv/bin/python benchmarks/loop_speed.py [--models mlp,resnet20x1] [--repeats 3] [--rerun]
 
@@ -43,14 +45,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _parallel import available_cores, run_units
+from _ratios import fmt, ratio_of_pairs
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
-VERSION = "4"
+VERSION = "5"
 MODELS = {  # name: (get_model name, kwargs, training images, images for the passes, repeats)
-    "mlp": ("mlp", {"width": 512, "depth": 3}, 16384, 4096, 3),
-    "vgg11": ("vgg11", {"width": 0.25, "norm": "bn"}, 2048, 1024, 3),
-    "resnet20x1": ("resnet20", {"width": 1, "norm": "bn"}, 1024, 1024, 3),
-    "resnet20x4": ("resnet20", {"width": 4, "norm": "bn"}, 256, 128, 3),
+    "mlp": ("mlp", {"width": 512, "depth": 3}, 16384, 4096, 5),
+    "vgg11": ("vgg11", {"width": 0.25, "norm": "bn"}, 2048, 1024, 5),
+    "resnet20x1": ("resnet20", {"width": 1, "norm": "bn"}, 1024, 1024, 5),
+    "resnet20x4": ("resnet20", {"width": 4, "norm": "bn"}, 256, 128, 5),
 }
 # The passes' image counts were 512 / 256 / 64 for VGG-11 / ResNet-20 x1 / x4 before the second
 # round of issue 13: at 2-8 batches the per-call costs (copies, tracing) weighed more than they do
@@ -137,7 +140,7 @@ def timed(fn, *args, **kw):
 
 
 def interleave(variants: dict, repeats: int) -> dict:
-    """Run each variant ``repeats`` times, interleaved; medians in seconds."""
+    """Run each variant ``repeats`` times, interleaved; medians and every run, in seconds."""
     times = {k: [] for k in variants}
     for _ in range(repeats):
         for k, fn in variants.items():
@@ -185,8 +188,9 @@ def passes(name, a, b, x, y, repeats):
         r = interleave({"forward": lambda n=n: hand_forward(a, x[:n]),
                         "pass": lambda fn=fn: timed(fn)}, repeats)
         out[pname] = {"forwards": k, "images": n, "forward_s": r["forward"]["median_s"],
-                      "pass_s": r["pass"]["median_s"],
-                      "ratio": r["pass"]["median_s"] / (k * r["forward"]["median_s"])}
+                      "pass_s": r["pass"]["median_s"], "forward_runs_s": r["forward"]["runs_s"],
+                      "pass_runs_s": r["pass"]["runs_s"],
+                      "ratio": ratio_of_pairs(r["pass"]["runs_s"], r["forward"]["runs_s"], k)[0]}
         if fn is matching and None not in am_pass:  # (an older tree times no part)
             st = statistics.median(am_pass)
             out[pname].update(statistics_s=st, solve_s=r["pass"]["median_s"] - st,
@@ -195,8 +199,8 @@ def passes(name, a, b, x, y, repeats):
             r = interleave({"fwd+bwd": lambda n=n: hand_forward_backward(a, x[:n], y[:n]),
                             "pass": lambda fn=fn: timed(fn)}, repeats)
             out[pname]["forward_backward_s"] = r["fwd+bwd"]["median_s"]
-            out[pname]["ratio_forward_backward"] = (r["pass"]["median_s"]
-                                                    / r["fwd+bwd"]["median_s"])
+            out[pname]["ratio_forward_backward"] = ratio_of_pairs(r["pass"]["runs_s"],
+                                                          r["fwd+bwd"]["runs_s"])
     return out
 
 
@@ -207,7 +211,7 @@ def experiments(a, x, y, repeats, compile_too):
     m1, m2 = copy.deepcopy(a), copy.deepcopy(a)
     r = interleave({"canonical": lambda: ours_train(m1, x, y, channels_last=False),
                     "channels_last": lambda: ours_train(m2, x, y, channels_last=True)}, repeats)
-    res["channels_last_ratio"] = r["channels_last"]["median_s"] / r["canonical"]["median_s"]
+    res["channels_last_ratio"] = ratio_of_pairs(r["channels_last"]["runs_s"], r["canonical"]["runs_s"])
     if not compile_too:
         return res
     try:
@@ -218,7 +222,7 @@ def experiments(a, x, y, repeats, compile_too):
         res["compile_s"] = time.perf_counter() - t0
         r = interleave({"plain": lambda: hand_train(m4, x, y),
                         "compiled": lambda: hand_train(m3, x, y, step_fn=compiled)}, repeats)
-        res["compiled_ratio"] = r["compiled"]["median_s"] / r["plain"]["median_s"]
+        res["compiled_ratio"] = ratio_of_pairs(r["compiled"]["runs_s"], r["plain"]["runs_s"])
         gain = r["plain"]["median_s"] - r["compiled"]["median_s"]
         res["compile_breakeven_epochs"] = res["compile_s"] / gain if gain > 0 else None
     except Exception as exc:  # noqa: BLE001 - report what happens on this machine
@@ -279,10 +283,12 @@ def write(rows, args, wall):
         "# Loop speed: neuralign vs hand-written loops", "",
         (f"Generated by `benchmarks/loop_speed.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         f", {platform.machine()}, {available_cores()} cores, {args.workers} worker processes with "
-        f"1 torch thread each, {args.repeats or '2-3'} interleaved repeats per variant, medians, "
+        f"1 torch thread each, {args.repeats or 5} interleaved repeats per variant, "
         f"{wall / 60:.1f} min). The machine was shared (1-min load average "
         f"{min(loads):.1f}-{max(loads):.1f} on {available_cores()} cores), so absolute speeds are "
-        "noisy; each ratio compares variants measured in the same process, interleaved. "
+        "noisy; each ratio compares variants measured in the same process, interleaved: the "
+        "geometric mean over repeats of the paired ratios ± its standard error. Speeds (img/s) "
+        "are from the median run. "
         "Fashion-MNIST subsets (the `images` column); batch 128."), "",
         "## Training and evaluation (goal: ratio ≤ 1.1)", "",
         ("Before: the ratio the code had before issue 13 (`loop_speed_before.json`, recorded by "
@@ -293,15 +299,14 @@ def write(rows, args, wall):
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, e, n = r["train"], r["evaluate"], r["n_train"]
+        def rel(d, a, b="hand"):
+            return fmt(ratio_of_pairs(d[a]["runs_s"], d[b]["runs_s"]), "{:.3f}")
         lines.append(
             f"| {r['model']} | {n} | {n / t['hand']['median_s']:.0f} | "
-            f"{n / t['neuralign']['median_s']:.0f} | "
-            f"{t['neuralign']['median_s'] / t['hand']['median_s']:.3f} | "
-            f"{was(r['model'], 'train')} | "
-            f"{t['via DataLoader']['median_s'] / t['hand']['median_s']:.3f} | "
+            f"{n / t['neuralign']['median_s']:.0f} | {rel(t, 'neuralign')} | "
+            f"{was(r['model'], 'train')} | {rel(t, 'via DataLoader')} | "
             f"{n / e['hand']['median_s']:.0f} | {n / e['neuralign']['median_s']:.0f} | "
-            f"{e['neuralign']['median_s'] / e['hand']['median_s']:.3f} | "
-            f"{was(r['model'], 'evaluate')} |")
+            f"{rel(e, 'neuralign')} | {was(r['model'], 'evaluate')} |")
     lines += ["", "## Statistics passes vs plain forward passes (goal: ratio ≤ 1.5)", "",
               ("Ratio = pass time / (number of models it runs × one plain forward pass over the "
               "same images). The diagonal Fisher needs one gradient per example, so a plain "
@@ -319,10 +324,11 @@ def write(rows, args, wall):
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for p, v in r["passes"].items():
+            ratio = fmt(ratio_of_pairs(v["pass_runs_s"], v["forward_runs_s"], v["forwards"]))
             lines.append(f"| {r['model']} | {v['images']} | {p} | {v['forwards']} | "
-                         f"{v['pass_s']:.2f} | {v['forward_s']:.2f} | {v['ratio']:.2f} | "
+                         f"{v['pass_s']:.2f} | {v['forward_s']:.2f} | {ratio} | "
                          f"{was(r['model'], p)} | "
-                         + (f"{v['ratio_forward_backward']:.2f} |"
+                         + (f"{fmt(v['ratio_forward_backward'])} |"
                             if "ratio_forward_backward" in v else "— |")
                          + (f" {v['statistics_ratio']:.2f}, {v['solve_s']:.2f} |"
                             if "statistics_ratio" in v else " — |"))
@@ -339,7 +345,10 @@ def write(rows, args, wall):
             v = r["experiments"]
 
             def f(k, fmt="{:.3f}", v=v):
-                return fmt.format(v[k]) if v.get(k) is not None else "—"
+                x = v.get(k)
+                if x is None:
+                    return "—"
+                return fmt(x, fmt) if isinstance(x, (list, tuple)) else fmt.format(x)
             lines.append(f"| {r['model']} | {f('channels_last_ratio')} | {f('compiled_ratio')} |"
                          f" {f('compile_s', '{:.1f}')} | {f('compile_breakeven_epochs', '{:.1f}')}"
                          f" | {v.get('compile_error', '')} |")
@@ -351,7 +360,7 @@ def write(rows, args, wall):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--repeats", type=int, default=0, help="0: the per-model default")
+    ap.add_argument("--repeats", type=int, default=0, help="0: the per-model default (5)")
     ap.add_argument("--workers", type=int, default=available_cores())
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the images to use")
     ap.add_argument("--rerun", action="store_true", help="ignore the cached units")

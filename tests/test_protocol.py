@@ -272,3 +272,19 @@ def test_a_diverged_rate_is_a_failed_candidate_not_a_crash():
         raise NeuralignError("the loader is empty")
     with pytest.raises(NeuralignError, match="empty"):
         P.run_method(proto, P.Method("m", other), 0, None)
+
+
+def test_speed_ratios_are_geometric_means_of_pairs_with_delta_method_errors():
+    spec = importlib.util.spec_from_file_location("nl_ratios", ROOT / "benchmarks" / "_ratios.py")
+    R = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(R)
+    # pairs 2/1, 8/1, 4/2 -> ratios 2, 8, 2 (halved by k=2: 1, 4, 1): logs 0, ln 4, 0
+    g, se = R.ratio_of_pairs([2.0, 8.0, 4.0], [1.0, 1.0, 2.0], k=2)
+    assert g == pytest.approx(4 ** (1 / 3))
+    sd = math.sqrt(((0 - math.log(4) / 3) ** 2 * 2 + (math.log(4) * 2 / 3) ** 2) / 2)
+    assert se == pytest.approx(g * sd / math.sqrt(3))
+    assert R.ratio_of_pairs([3.0], [1.5]) == (pytest.approx(2.0), None)
+    assert R.fmt((12.04, 0.66), "{:.1f}", "×") == "12.0× ± 0.7"
+    assert R.fmt((1.0, None)) == "1.00"
+    with pytest.raises(ValueError, match="equally many"):
+        R.ratio_of_pairs([1.0, 2.0], [1.0])
