@@ -258,7 +258,7 @@ def weight_matching(spec: PermutationSpec, a, b, max_iter: int = 100, seed: int 
     order (seeded) each sweep and solves one LAP per group (a group's new assignment is kept when
     it improves the objective by more than ``rtol``, relative). It stops after a sweep whose gain
     is at most ``tol`` times the objective (default ``TOL`` = 1e-3; on torchvision ResNet-50 the
-    sweeps after that add about 0.1% in all, docs/results/alignment_speed.md), after a sweep in
+    sweeps after that add about 0.15% in all, docs/results/alignment_speed.md), after a sweep in
     which no group changed (full convergence; ``tol=0`` runs until then), or after ``max_iter``
     sweeps. Groups none of whose tensors changed since they were last solved are skipped; the
     others update their last similarity matrix over the columns of ``b`` that changed.
