@@ -347,3 +347,24 @@ def test_weight_matching_updated_similarities_equal_recomputed_ones(monkeypatch,
     ref = weight_matching(spec, a, b, seed=0, tol=0, max_iter=4, init=init)
     assert got.info["objective"] == pytest.approx(ref.info["objective"], rel=1e-6)
     assert sum(not torch.equal(got[n], ref[n]) for n in spec.groups) <= 1  # float ties at most
+
+
+def test_weight_matching_keeps_no_similarities_for_weights_over_the_cap(monkeypatch):
+    """Keeping similarity matrices holds older tensors of b (up to two more copies): above
+    CACHE_MAX_NUMEL compared values nothing is kept, and the result is the same."""
+    import neuralign.align.weight as W
+
+    spec, a, b = _independent_pair()
+    kept = weight_matching(spec, a, b, seed=0, tol=0, max_iter=3)
+    monkeypatch.setattr(W, "CACHE_MAX_NUMEL", 1000)
+    made = []
+    setup = W._State.__init__
+
+    def spy(self, *args, **kw):
+        setup(self, *args, **kw)
+        made.append(self)
+    monkeypatch.setattr(W._State, "__init__", spy)
+    capped = weight_matching(spec, a, b, seed=0, tol=0, max_iter=3)
+    assert made and not any(v for st in made for v in st.cached.values())
+    assert all(not st.S for st in made)
+    assert capped.info["objective"] == pytest.approx(kept.info["objective"], rel=1e-6)

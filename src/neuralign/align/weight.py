@@ -38,6 +38,7 @@ def check_same_architecture(sd_a: Mapping, sd_b: Mapping, keys: Sequence[str] | 
 
 _STATS = ("running_mean", "running_var")
 TOL = 1e-3  # default stopping tolerance: relative gain of one sweep
+CACHE_MAX_NUMEL = 2 ** 28  # compared weights above which no similarity matrix is kept (1 GiB)
 
 
 def matched_keys(spec: PermutationSpec, sd: Mapping, include_buffers: bool = False) -> list[str]:
@@ -85,12 +86,14 @@ class _State:
         self.skipped = 0
         # Each group's last similarity matrix, with the tensors of b it was computed from: later
         # sweeps move few units, so the next score adds only the columns that changed. Off for
-        # a group on two axes of one tensor (its own moves change columns too) and when the
-        # matrices would outweigh the model.
+        # a group on two axes of one tensor (its own moves change columns too), and for models
+        # where the matrices would outweigh the weights or the older tensors kept (up to two
+        # more copies of b) would exceed CACHE_MAX_NUMEL.
         self.S: dict[str, torch.Tensor] = {}
         self.seen: dict[str, list[torch.Tensor]] = {}
-        big = sum(g.size ** 2 for g in spec.groups.values()) > 2 * sum(
-            t.numel() for t in self.A.values())
+        numel = sum(t.numel() for t in self.A.values())
+        big = (sum(g.size ** 2 for g in spec.groups.values()) > 2 * numel
+               or numel > CACHE_MAX_NUMEL)
         self.cached = {n: not big and len({(pl.key, pl.axis) for pl, _ in m})
                        == len({pl.key for pl, _ in m}) for n, m in self.amats.items()}
 
