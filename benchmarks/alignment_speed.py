@@ -156,18 +156,14 @@ def first_time(curve_t, curve_obj, target):
     return next((t for t, o in zip(curve_t, curve_obj) if o >= target), None)
 
 
-def _gmean(v):
-    return float(np.exp(np.mean(np.log(v))))
-
-
 def summarise(r):
     full, d = r["full"], r["default"]
-    s = {"ours_default_s": _gmean(d["repeats_s"]), "ours_default_obj": d["objective"],
+    s = {"ours_default_s": geometric_mean(d["repeats_s"])[0], "ours_default_obj": d["objective"],
          "ours_full_s": full["total_s"], "ours_full_obj": full["objective"],
          "t_999": first_time(full["curve_t"], full["curve_obj"], 0.999 * full["objective"])}
     if "rebasin" in r:
         rb = r["rebasin"]
-        s.update(rebasin_s=_gmean(rb["repeats_s"]), rebasin_obj=rb["objective"],
+        s.update(rebasin_s=geometric_mean(rb["repeats_s"])[0], rebasin_obj=rb["objective"],
                  obj_diff=d["objective"] - rb["objective"],
                  t_reach_rebasin=first_time(full["curve_t"], full["curve_obj"], rb["objective"]))
         s["speedup"] = s["rebasin_s"] / s["ours_default_s"]
