@@ -39,8 +39,11 @@ def unit_matrix(t: torch.Tensor, place: Place, size: int) -> torch.Tensor:
 
 def take_units(t: torch.Tensor, place: Place, size: int, index: torch.Tensor) -> torch.Tensor:
     """A new tensor whose unit ``i`` (at ``place``) is unit ``index[i]`` of ``t``."""
-    seg, shape = _segment(t, place, size)
-    out = seg.reshape(shape).index_select(place.axis + 1, index).reshape(seg.shape)
+    seg, _ = _segment(t, place, size)
+    # as (everything before, units, everything after): index_select is 3-6x faster on a 3-d
+    # view than on one with the size-1 dims of _segment's shape (measured, 1 thread)
+    pre = seg.shape[: place.axis].numel() * place.outer
+    out = seg.reshape(pre, size, -1).index_select(1, index).reshape(seg.shape)
     if seg.shape == t.shape:
         return out
     res = t.clone()
