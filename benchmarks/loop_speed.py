@@ -149,7 +149,9 @@ def interleave(variants: dict, repeats: int) -> dict:
     return {k: {"median_s": statistics.median(v), "runs_s": v} for k, v in times.items()}
 
 
-def passes(name, a, b, x, y, repeats):
+def _pass_fns(a, b, x, y):
+    """``{pass: (function, plain forwards it is compared with, images)}`` and the list into
+    which activation matching records the time of its own statistics pass, per call."""
     from neuralign.align import activation_matching
 
     try:
@@ -165,7 +167,7 @@ def passes(name, a, b, x, y, repeats):
     spec = spec_from_model(a, x[:2])
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
     nf, nc = min(len(x), FISHER_EXAMPLES), min(len(x), CKA_EXAMPLES)
-    am_pass = []  # activation matching's own timing of its statistics pass, per call
+    am_pass = []
 
     def matching():
         perm = activation_matching(a, b, loader, spec=spec)
@@ -181,11 +183,39 @@ def passes(name, a, b, x, y, repeats):
     }
     if activation_statistics is None:  # an older tree (--before)
         del todo["activation statistics"]
+    return {k: v for k, v in todo.items() if v is not None}, am_pass, matching
+
+
+def _flops(fn) -> int:
+    """Floating-point operations of the matrix products and convolutions ``fn`` runs (PyTorch's
+    counter, which also counts in-place ``addmm_`` here: the statistics accumulate with it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def addmm_inplace(_self, a_shape, b_shape, *args, out_shape=None, **kw):
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    with FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.aten.addmm_: addmm_inplace}) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def flop_floors(a, b, x, y) -> dict:
+    """Per pass, its FLOPs over those of the plain forwards it is compared with: the ratio it
+    would have if its products ran as fast as the forward's and nothing else took time. Not
+    for the Fisher, whose per-example gradients are batched products of another shape."""
+    todo, _, _ = _pass_fns(a, b, x, y)
     out = {}
-    for pname, item in todo.items():
-        if item is None:
+    for pname, (fn, k, n) in todo.items():
+        if pname.startswith("Fisher"):
             continue
-        fn, k, n = item
+        out[pname] = _flops(fn) / (k * _flops(lambda n=n: hand_forward(a, x[:n])))
+    return out
+
+
+def passes(a, b, x, y, repeats):
+    todo, am_pass, matching = _pass_fns(a, b, x, y)
+    out = {}
+    for pname, (fn, k, n) in todo.items():
         r = interleave({"forward": lambda n=n: hand_forward(a, x[:n]),
                         "pass": lambda fn=fn: timed(fn)}, repeats)
         out[pname] = {"forwards": k, "images": n, "forward_s": r["forward"]["median_s"],
@@ -236,9 +266,12 @@ def unit(u):
 
     name = u["model"]
     n_train, n_pass = (max(BATCH // 2, int(n * u["scale"])) for n in MODELS[name][2:4])
-    repeats = u["repeats"] or MODELS[name][4]
+    repeats = u.get("repeats") or MODELS[name][4]
     sp = load_fashion_mnist(subset=n_train)
     x, y = sp.train.tensors
+    if u.get("flops"):  # counts, not times: a unit of its own, cached apart from the timings
+        a, b = (_model(name, sd) for sd in SEEDS)
+        return {"model": name, "floors": flop_floors(a, b, x[:n_pass], y[:n_pass])}
     row = {"model": name, "n_train": len(x), "n_pass": n_pass, "threads": torch.get_num_threads(),
            "load_start": os.getloadavg()[0]}
     a, b = (_model(name, sd) for sd in SEEDS)
@@ -250,7 +283,7 @@ def unit(u):
                               repeats)
     row["evaluate"] = interleave({"hand": lambda: hand_forward(a, x, y),
                                   "neuralign": lambda: ours_evaluate(a, x, y)}, repeats)
-    row["passes"] = passes(name, a, b, x[:n_pass], y[:n_pass], repeats)
+    row["passes"] = passes(a, b, x[:n_pass], y[:n_pass], repeats)
     if u.get("experiments"):
         row["experiments"] = experiments(a, x, y, repeats, compile_too=name == "resnet20x1")
     row["load_end"] = os.getloadavg()[0]
@@ -324,15 +357,25 @@ def write(rows, args, wall):
               "statistics pass; its pass alone, timed inside the same calls, and the rest "
               "(solve) are in the last column, and the `activation statistics` row times the "
               "pass on its own."), "",
+              ("FLOP floor: the pass's floating-point operations in matrix products and "
+              "convolutions (PyTorch's `FlopCounterMode`) over those of the plain forwards it "
+              "is compared with, i.e. the ratio the pass would have if its products ran as fast "
+              "as the forward's and nothing else took time. Where the statistics' own products "
+              "cost more than half the forwards (activation statistics, n x n cross-products "
+              "per probe; CKA, an n_examples x n_examples Gram matrix per layer) the floor is "
+              "above 1.5 and so is any implementation. Not given for the Fisher, whose "
+              "per-example gradients are products of another shape."), "",
               ("| model | images | pass | forwards | pass (s) | plain forward (s) | ratio "
-              "| before | Fisher: vs forward+backward | matching: its pass's ratio, solve (s) |"),
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| FLOP floor | before | Fisher: vs forward+backward | matching: its pass's "
+              "ratio, solve (s) |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for p, v in r["passes"].items():
             ratio = fmt(ratio_of_pairs(v["pass_runs_s"], v["forward_runs_s"], v["forwards"]))
             lines.append(f"| {r['model']} | {v['images']} | {p} | {v['forwards']} | "
                          f"{v['pass_s']:.2f} | {v['forward_s']:.2f} | {ratio} | "
-                         f"{was(r['model'], p)} | "
+                         + (f"{v['flop_floor']:.2f} | " if v.get("flop_floor") else "— | ")
+                         + f"{was(r['model'], p)} | "
                          + (f"{fmt(v['ratio_forward_backward'])} |"
                             if "ratio_forward_backward" in v else "— |")
                          + (f" {v['statistics_ratio']:.2f}, {v['solve_s']:.2f} |"
@@ -373,12 +416,19 @@ def main():
                     help="only write docs/results/loop_speed_before.json (run it with PYTHONPATH "
                          "pointing at an older tree to record its figures for the comparison)")
     args = ap.parse_args()
+    models = args.models.split(",")
     units = [{"model": m, "repeats": args.repeats, "scale": args.scale,
               "experiments": m in ("vgg11", "resnet20x1") and not args.before}
-             for m in args.models.split(",")]
+             for m in models]
+    if not args.before:
+        units += [{"model": m, "scale": args.scale, "flops": True} for m in models]
     t0 = time.time()
     rows = run_units(unit, units, name="loop_speed_before" if args.before else "loop_speed",
                      workers=args.workers, version=VERSION, rerun=args.rerun)
+    floors = {r["model"]: r["floors"] for r in rows if "floors" in r}
+    rows = [dict(r, passes={p: dict(v, flop_floor=floors.get(r["model"], {}).get(p))
+                            for p, v in r["passes"].items()})
+            for r in rows if "floors" not in r]
     if args.before:
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "loop_speed_before.json").write_text(json.dumps(rows, indent=1))

@@ -288,3 +288,22 @@ def test_speed_ratios_are_geometric_means_of_pairs_with_delta_method_errors():
     assert R.fmt((1.0, None)) == "1.00"
     with pytest.raises(ValueError, match="equally many"):
         R.ratio_of_pairs([1.0, 2.0], [1.0])
+
+
+def test_loop_speed_flop_floor_counts_the_in_place_products_the_statistics_use():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("nl_loop_speed",
+                                                      ROOT / "benchmarks" / "loop_speed.py")
+        L = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(L)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    a, b, out = torch.randn(6, 5), torch.randn(5, 4), torch.zeros(6, 4)
+
+    def stats():  # as ActivationStats.update: a product into a buffer, then accumulated
+        torch.mm(a, b, out=out)
+        out.addmm_(a, b)
+    assert L._flops(stats) == 2 * (2 * 6 * 5 * 4)
+    assert L._flops(lambda: torch.nn.functional.linear(a, b.T)) == 2 * 6 * 5 * 4
+    assert L._flops(lambda: a + 1) == 0
