@@ -199,10 +199,11 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def flop_floors(a, b, x, y) -> dict:
+def flop_ratios(a, b, x, y) -> dict:
     """Per pass, its FLOPs over those of the plain forwards it is compared with: the ratio it
-    would have if its products ran as fast as the forward's and nothing else took time. Not
-    for the Fisher, whose per-example gradients are batched products of another shape."""
+    would have if its products ran as fast as the forward's and nothing else took time (not a
+    bound: products of another shape can run faster or slower). Not for the Fisher, whose
+    per-example gradients are batched products of another shape."""
     todo, _, _ = _pass_fns(a, b, x, y)
     out = {}
     for pname, (fn, k, n) in todo.items():
@@ -271,7 +272,7 @@ def unit(u):
     x, y = sp.train.tensors
     if u.get("flops"):  # counts, not times: a unit of its own, cached apart from the timings
         a, b = (_model(name, sd) for sd in SEEDS)
-        return {"model": name, "floors": flop_floors(a, b, x[:n_pass], y[:n_pass])}
+        return {"model": name, "flop_ratios": flop_ratios(a, b, x[:n_pass], y[:n_pass])}
     row = {"model": name, "n_train": len(x), "n_pass": n_pass, "threads": torch.get_num_threads(),
            "load_start": os.getloadavg()[0]}
     a, b = (_model(name, sd) for sd in SEEDS)
@@ -357,16 +358,17 @@ def write(rows, args, wall):
               "statistics pass; its pass alone, timed inside the same calls, and the rest "
               "(solve) are in the last column, and the `activation statistics` row times the "
               "pass on its own."), "",
-              ("FLOP floor: the pass's floating-point operations in matrix products and "
+              ("FLOP ratio: the pass's floating-point operations in matrix products and "
               "convolutions (PyTorch's `FlopCounterMode`) over those of the plain forwards it "
-              "is compared with, i.e. the ratio the pass would have if its products ran as fast "
-              "as the forward's and nothing else took time. Where the statistics' own products "
-              "cost more than half the forwards (activation statistics, n x n cross-products "
-              "per probe; CKA, an n_examples x n_examples Gram matrix per layer) the floor is "
-              "above 1.5 and so is any implementation. Not given for the Fisher, whose "
+              "is compared with: the ratio the pass would have if its products ran as fast as "
+              "the forward's and nothing else took time. Above 1.5 (activation statistics on "
+              "the MLP: an n x n cross-product per probe, two probes per layer; CKA: an "
+              "n_examples x n_examples Gram matrix per layer) the goal needs the statistics' "
+              "products to run faster than the forward's, which happens only where the "
+              "forward's are slow (narrow convolutions). Not given for the Fisher, whose "
               "per-example gradients are products of another shape."), "",
               ("| model | images | pass | forwards | pass (s) | plain forward (s) | ratio "
-              "| FLOP floor | before | Fisher: vs forward+backward | matching: its pass's "
+              "| FLOP ratio | before | Fisher: vs forward+backward | matching: its pass's "
               "ratio, solve (s) |"),
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -374,7 +376,7 @@ def write(rows, args, wall):
             ratio = fmt(ratio_of_pairs(v["pass_runs_s"], v["forward_runs_s"], v["forwards"]))
             lines.append(f"| {r['model']} | {v['images']} | {p} | {v['forwards']} | "
                          f"{v['pass_s']:.2f} | {v['forward_s']:.2f} | {ratio} | "
-                         + (f"{v['flop_floor']:.2f} | " if v.get("flop_floor") else "— | ")
+                         + (f"{v['flop_ratio']:.2f} | " if v.get("flop_ratio") else "— | ")
                          + f"{was(r['model'], p)} | "
                          + (f"{fmt(v['ratio_forward_backward'])} |"
                             if "ratio_forward_backward" in v else "— |")
@@ -425,10 +427,10 @@ def main():
     t0 = time.time()
     rows = run_units(unit, units, name="loop_speed_before" if args.before else "loop_speed",
                      workers=args.workers, version=VERSION, rerun=args.rerun)
-    floors = {r["model"]: r["floors"] for r in rows if "floors" in r}
-    rows = [dict(r, passes={p: dict(v, flop_floor=floors.get(r["model"], {}).get(p))
+    flop_ratios = {r["model"]: r["flop_ratios"] for r in rows if "flop_ratios" in r}
+    rows = [dict(r, passes={p: dict(v, flop_ratio=flop_ratios.get(r["model"], {}).get(p))
                             for p, v in r["passes"].items()})
-            for r in rows if "floors" not in r]
+            for r in rows if "flop_ratios" not in r]
     if args.before:
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "loop_speed_before.json").write_text(json.dumps(rows, indent=1))

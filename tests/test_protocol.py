@@ -290,7 +290,7 @@ def test_speed_ratios_are_geometric_means_of_pairs_with_delta_method_errors():
         R.ratio_of_pairs([1.0, 2.0], [1.0])
 
 
-def test_loop_speed_flop_floor_counts_the_in_place_products_the_statistics_use():
+def test_loop_speed_flop_ratio_counts_the_in_place_products_the_statistics_use():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         spec = importlib.util.spec_from_file_location("nl_loop_speed",
