@@ -150,8 +150,9 @@ def interleave(variants: dict, repeats: int) -> dict:
 
 
 def _pass_fns(a, b, x, y):
-    """``{pass: (function, plain forwards it is compared with, images)}`` and the list into
-    which activation matching records the time of its own statistics pass, per call."""
+    """``{pass: (function, plain forwards it is compared with, images)}``, the list into which
+    the activation-matching pass records its own statistics pass's time per call, and that
+    pass's function."""
     from neuralign.align import activation_matching
 
     try:
@@ -427,8 +428,8 @@ def main():
     t0 = time.time()
     rows = run_units(unit, units, name="loop_speed_before" if args.before else "loop_speed",
                      workers=args.workers, version=VERSION, rerun=args.rerun)
-    flop_ratios = {r["model"]: r["flop_ratios"] for r in rows if "flop_ratios" in r}
-    rows = [dict(r, passes={p: dict(v, flop_ratio=flop_ratios.get(r["model"], {}).get(p))
+    counts = {r["model"]: r["flop_ratios"] for r in rows if "flop_ratios" in r}
+    rows = [dict(r, passes={p: dict(v, flop_ratio=counts.get(r["model"], {}).get(p))
                             for p, v in r["passes"].items()})
             for r in rows if "flop_ratios" not in r]
     if args.before:
