@@ -172,14 +172,12 @@ def summarise(r):
     return s
 
 
-def _ms(v, fmt="{:.2f}"):
+def _ms(v, spec="{:.2f}"):
     """Mean ± standard error over seeds."""
     v = np.asarray([x for x in v if x is not None], dtype=np.float64)
     if len(v) == 0:
         return "—"
-    if len(v) == 1:
-        return fmt.format(v.mean())
-    return (fmt + " ± " + fmt).format(v.mean(), v.std(ddof=1) / np.sqrt(len(v)))
+    return fmt((v.mean(), v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else None), spec)
 
 
 def _speedup(v):
@@ -255,8 +253,8 @@ def write(rows, args, wall):
         ss = [s for s in sums if s["model"] == m]
         rs = [r for r in rows if r["model"] == m]
 
-        def col(k, fmt="{:.2f}", ss=ss):
-            return _ms([s.get(k) for s in ss], fmt)
+        def col(k, spec="{:.2f}", ss=ss):
+            return _ms([s.get(k) for s in ss], spec)
         rb_groups = next((r["rebasin"]["groups"] for r in rs if "rebasin" in r), "—")
         err = next((r["rebasin_error"] for r in rs if "rebasin_error" in r), None)
         lines.append(

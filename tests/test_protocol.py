@@ -275,9 +275,7 @@ def test_a_diverged_rate_is_a_failed_candidate_not_a_crash():
 
 
 def test_speed_ratios_are_geometric_means_of_pairs_with_delta_method_errors():
-    spec = importlib.util.spec_from_file_location("nl_ratios", ROOT / "benchmarks" / "_ratios.py")
-    R = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(R)
+    R = _bench("_ratios")
     # pairs 2/1, 8/1, 4/2 -> ratios 2, 8, 2 (halved by k=2: 1, 4, 1): logs 0, ln 4, 0
     g, se = R.ratio_of_pairs([2.0, 8.0, 4.0], [1.0, 1.0, 2.0], k=2)
     assert g == pytest.approx(4 ** (1 / 3))
@@ -291,14 +289,7 @@ def test_speed_ratios_are_geometric_means_of_pairs_with_delta_method_errors():
 
 
 def test_loop_speed_flop_ratio_counts_the_in_place_products_the_statistics_use():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("nl_loop_speed",
-                                                      ROOT / "benchmarks" / "loop_speed.py")
-        L = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(L)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    L = _bench("loop_speed")  # it puts benchmarks/ on sys.path for its own helpers
     a, b, out = torch.randn(6, 5), torch.randn(5, 4), torch.zeros(6, 4)
 
     def stats():  # as ActivationStats.update: a product into a buffer, then accumulated
