@@ -309,3 +309,39 @@ def test_derived_batchnorm_statistics_equal_measured_ones(make):
         assert names == {"bn"}
     with pytest.raises(RuntimeError, match="derived"):
         next(st for st in fast.values() if st.derived).update(torch.zeros(2, 1), torch.zeros(2, 1))
+
+
+def _hooks(m):
+    return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_activation_statistics_leave_the_models_as_they_were(fail):
+    """The pass runs the models themselves (no copies): it puts them in eval mode and hooks
+    them only while it runs, also when a batch fails."""
+    a, b = _model(0).train(), _model(1)
+    a.layer1[0].norm1.eval()  # a mixed mode, kept as it was
+    modes = {m: [x.training for x in m.modules()] for m in (a, b)}
+    spec = spec_from_model(a, X[:2])
+    if fail:
+        bad = [(X[:4], Y[:4]), (torch.randn(4, 3, 28, 28), Y[:4])]  # 3 channels: model fails
+        with pytest.raises(Exception, match="cannot run"):
+            activation_statistics(a, b, bad, spec)
+    else:
+        activation_statistics(a, b, LOADER, spec)
+    for m in (a, b):
+        assert [x.training for x in m.modules()] == modes[m]
+        assert _hooks(m) == 0
+
+
+def test_activation_statistics_of_a_model_with_itself_are_perfectly_correlated():
+    """The same model as A and B (each run gets its own hooks): every unit that varies is
+    correlated 1 with itself."""
+    a = _model(0)
+    spec = spec_from_model(a, X[:2])
+    stats, _ = activation_statistics(a, a, LOADER, spec)
+    assert _hooks(a) == 0
+    for st in stats.values():
+        c = st.corr().diagonal()
+        live = (st.saa / st.n - (st.sa / st.n) ** 2) > 1e-8
+        torch.testing.assert_close(c[live], torch.ones_like(c[live]), rtol=0, atol=1e-4)

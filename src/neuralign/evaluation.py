@@ -20,7 +20,7 @@ from torch.utils.data import (
 
 from neuralign.errors import DataError
 from neuralign.progress import Progress
-from neuralign.utils import model_device, split_batch
+from neuralign.utils import eval_mode, model_device, split_batch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -123,8 +123,7 @@ def evaluate(model: nn.Module, loader, *, loss_fn: LossFn | None = None, device=
     loader = as_loader(loader)
     device = torch.device(device) if device is not None else model_device(model)
     cl = use_channels_last(channels_last, device)
-    was_training = model.training
-    model.eval()
+    restore = eval_mode(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n, classify = 0, True
@@ -155,7 +154,7 @@ def evaluate(model: nn.Module, loader, *, loss_fn: LossFn | None = None, device=
             if prog.printed:
                 prog.line(f"done, loss {float(loss_sum) / max(n, 1):.4f}")
     finally:
-        model.train(was_training)
+        restore()
     if n == 0:
         raise DataError("the evaluation loader yields no batches; is the data set empty?")
     return {"loss": float(loss_sum) / n, "accuracy": int(correct) / n if classify else float("nan"),
@@ -168,8 +167,7 @@ def predict(model: nn.Module, loader, *, device=None,
     loader = as_loader(loader)
     device = torch.device(device) if device is not None else model_device(model)
     cl = use_channels_last(channels_last, device)
-    was_training = model.training
-    model.eval()
+    restore = eval_mode(model)
     outs, ys = [], []
     try:
         with torch.inference_mode():
@@ -178,7 +176,7 @@ def predict(model: nn.Module, loader, *, device=None,
                 outs.append(model(to_device(x, device, cl)).float().cpu())
                 ys.append(y)
     finally:
-        model.train(was_training)
+        restore()
     if not outs:
         raise DataError("the evaluation loader yields no batches; is the data set empty?")
     return torch.cat(outs), torch.cat(ys)

@@ -15,6 +15,20 @@ StateDict = dict[str, torch.Tensor]
 ModelLike = nn.Module | Mapping[str, torch.Tensor]
 
 
+def eval_mode(*models: nn.Module):
+    """Put ``models`` in eval mode; returns a function that gives every module back its own
+    mode. (``model.train(was)`` restores only the top: it would switch on the submodules a user
+    had put in eval mode, such as frozen batch norms.)"""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+
+    def restore() -> None:
+        for m, was in saved:
+            m.training = was
+    return restore
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch.Generator seeded the same way."""
     random.seed(seed)

@@ -19,6 +19,7 @@ from neuralign.evaluation import iter_batches, to_device, use_channels_last
 from neuralign.spec import spec_from_model
 from neuralign.spec.core import Permutation, PermutationSpec, Probe
 from neuralign.spec.trace import trace_model
+from neuralign.utils import eval_mode
 
 __all__ = ["ActivationStats", "activation_matching", "activation_statistics", "first_input"]
 
@@ -72,23 +73,37 @@ def _tapped(gm: fx.GraphModule, names: set[str], sink) -> fx.GraphModule:
 
 
 class _Capture:
-    """Runs a (copied) model on a batch and hands each probe's activation to ``sink(name,
-    activation)`` as soon as it is computed (nothing is kept here)."""
+    """Runs a model on a batch and hands each probe's activation to ``sink(name, activation)``
+    as soon as it is computed (nothing is kept here).
+
+    The model is used in place (no copy: copying cost a tenth of a small model's pass), in
+    eval mode, with hooks that :meth:`close` removes, restoring every module's mode; it is
+    copied only to move it to ``device`` or when ``copy_model`` is set (a model that shares modules
+    with the other one of the pair: each needs its own hooks)."""
 
     def __init__(self, model: nn.Module, probes: list[Probe], device=None, sink=None,
-                 groups: dict | None = None):
+                 groups: dict | None = None, copy_model: bool = False):
         """``groups`` (``{name: (size, probes)}``): find the probes whose statistics are
         derivable (``derivable``); :meth:`start` then taps the others."""
-        self.model = copy.deepcopy(model).eval()
-        if device is not None:
-            self.model.to(device)
+        dev = torch.device(device) if device is not None else None
+        if copy_model or any(dev is not None and t.device != dev
+                             for t in itertools.chain(model.parameters(), model.buffers())):
+            model = copy.deepcopy(model)
+            if device is not None:
+                model.to(device)
+        self.model = model
+        self._restore = eval_mode(model)
+        self._handles: list = []
         self.sink = sink
         node_names = {p.name for p in probes if p.kind == "node"}
         self.derivable: dict[str, tuple[str, str]] = {}
+        self.derived: dict[str, tuple[str, str]] = {}  # set by _stream
+        self.users: dict[str, list] = {}  # set by _stream
         mods = dict(self.model.named_modules())
         self._hooked = {p.name for p in probes if p.kind == "module"}
         missing = self._hooked - set(mods)
         if missing:
+            self.close()
             raise SpecError(f"probe module {min(missing)!r} is not in the model")
         self.runner = self._gm = None
         gm = None
@@ -97,6 +112,7 @@ class _Capture:
             have = {n.name for n in gm.graph.nodes}
             missing = node_names - have
             if missing:
+                self.close()
                 raise SpecError(f"probe node {min(missing)!r} is not in the traced model; "
                                 "derive the spec from this model")
             self._gm, self._names = gm, node_names
@@ -113,10 +129,17 @@ class _Capture:
         """Tap and hook every probe but ``skip`` (whose statistics are derived instead)."""
         mods = dict(self.model.named_modules())
         for name in sorted(self._hooked - set(skip)):
-            mods[name].register_forward_hook(self._hook(name))
+            self._handles.append(mods[name].register_forward_hook(self._hook(name)))
         if self._gm is not None:
             self.runner = _tapped(self._gm, self._names - set(skip), self.sink)
         return self
+
+    def close(self) -> None:
+        """Remove the hooks and restore the modules' modes."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._restore()
 
     def _hook(self, name):
         def fn(_m, _i, out):
@@ -129,6 +152,36 @@ class _Capture:
                 self.runner(x)
             else:
                 self.model(**x) if isinstance(x, dict) else self.model(x)
+
+
+def _stream(cap_a: _Capture, cap_b: _Capture, stats: dict, spec: PermutationSpec, batches,
+            max_batches: int | None, dev: torch.device, held: dict) -> int:
+    """Start both captures (the derivable probes skipped) and run every batch through A, then
+    B; returns the number of batches. Sets ``cap_a.derived`` (probe: (source probe, batch
+    norm)) and ``cap_b.users`` (probe: [(statistics, probe)] it updates)."""
+    derived = {k: v for k, v in cap_a.derivable.items() if cap_b.derivable.get(k) == v}
+    derived = {k: v for k, v in derived.items() if v[0] not in derived}  # measured inputs only
+    cap_a.derived = derived
+    cap_a.start(derived), cap_b.start(derived)
+    users: dict[str, list] = {}
+    for (n, i), st in stats.items():
+        p = spec.groups[n].probes[i]
+        if p.name not in derived:
+            users.setdefault(p.name, []).append((st, p))
+    cap_b.users = users
+    cl = use_channels_last(None, dev)
+    seen = 0
+    for b in iter_batches(batches):
+        if max_batches is not None and seen >= max_batches:
+            break
+        x = first_input(b)
+        x = (to_device(x, dev, cl) if isinstance(x, torch.Tensor)
+             else {k: v.to(dev) for k, v in x.items()})
+        _run_batch(cap_a, x, "A")
+        _run_batch(cap_b, x, "B")
+        held.clear()
+        seen += 1
+    return seen
 
 
 def _run_batch(capture, x, which):
@@ -169,7 +222,7 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
 
     def pair(name, out_b):
         out_a = held[name].pop(0)
-        for st, p in users[name]:
+        for st, p in cap_b.users[name]:
             st.update(_units(out_a, p, st.size), _units(out_b, p, st.size), scratch)
 
     def hold(name, out_a):
@@ -183,28 +236,18 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, batches, spec:
             buf = copies[key] = torch.empty_like(out_a)
         calls.append(buf.copy_(out_a))
 
+    shared = not {id(m) for m in model_a.modules()}.isdisjoint(map(id, model_b.modules()))
     cap_a = _Capture(model_a, probes, dev, sink=hold, groups=groups)
-    cap_b = _Capture(model_b, probes, dev, sink=pair, groups=groups)
-    derived = {k: v for k, v in cap_a.derivable.items() if cap_b.derivable.get(k) == v}
-    derived = {k: v for k, v in derived.items() if v[0] not in derived}  # measured inputs only
-    cap_a.start(derived), cap_b.start(derived)
-    users: dict[str, list] = {}
-    for (n, i), st in stats.items():
-        p = spec.groups[n].probes[i]
-        if p.name not in derived:
-            users.setdefault(p.name, []).append((st, p))
-    cl = use_channels_last(None, dev)
-    seen = 0
-    for b in iter_batches(batches):
-        if max_batches is not None and seen >= max_batches:
-            break
-        x = first_input(b)
-        x = (to_device(x, dev, cl) if isinstance(x, torch.Tensor)
-             else {k: v.to(dev) for k, v in x.items()})
-        _run_batch(cap_a, x, "A")
-        _run_batch(cap_b, x, "B")
-        held.clear()
-        seen += 1
+    try:
+        cap_b = _Capture(model_b, probes, dev, sink=pair, groups=groups, copy_model=shared)
+    except BaseException:
+        cap_a.close()
+        raise
+    try:
+        seen = _stream(cap_a, cap_b, stats, spec, batches, max_batches, dev, held)
+    finally:
+        cap_a.close(), cap_b.close()
+    derived = cap_a.derived
     for (n, i) in stats:
         p = spec.groups[n].probes[i]
         if p.name in derived:

@@ -29,7 +29,7 @@ from torch import nn
 from neuralign.errors import NeuralignError
 from neuralign.permute import _segment, apply_permutation
 from neuralign.spec.core import Group, Permutation, PermutationSpec, Place
-from neuralign.utils import as_state_dict, check_same_architecture
+from neuralign.utils import as_state_dict, check_same_architecture, eval_mode
 
 __all__ = ["ScaledAlignment", "apply_scaling", "canonicalize", "scalable_groups",
            "scaling_matching"]
@@ -89,12 +89,12 @@ def scalable_groups(model: nn.Module, spec: PermutationSpec, example_input, *, s
     """Groups whose units may be rescaled (see the module docstring), and why the others not."""
     sd = as_state_dict(model)
     ok, why = [], {}
-    was = model.training
+    restore = eval_mode(model)
     try:
         with torch.no_grad():
-            ref = model.eval()(example_input)
+            ref = model(example_input)
     finally:
-        model.train(was)
+        restore()
     gen = torch.Generator().manual_seed(seed)
     for name, g in spec.groups.items():
         kinds = [_is_incoming(sd[pl.key], pl, pl.key) for pl in g.places]

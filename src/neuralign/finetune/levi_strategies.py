@@ -30,6 +30,7 @@ from neuralign.finetune.api import FinetuneContext, Strategy, register_strategy
 from neuralign.finetune.basic import OutputEnsemble
 from neuralign.finetune.levi import LEVI, levi_loss
 from neuralign.finetune.levi_small import build_small
+from neuralign.utils import eval_mode
 
 ABLATIONS = ("a1", "a2", "a3", "a4", "a5")
 
@@ -102,15 +103,14 @@ def efficiency_report(model: nn.Module, example_input, *, trainable: int | None 
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if any(True for _ in m.parameters(recurse=False))]
-    was = model.training
-    model.eval()
+    restore = eval_mode(model)
     try:
         with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
+        restore()
     total = sum(p.numel() for p in model.parameters())
     return {"trainable_params": int(trainable_parameters(model) if trainable is None else trainable),
             "inference_params": int(sum(seen.values())), "total_params": int(total),

@@ -29,6 +29,7 @@ from torch import nn
 
 from neuralign.errors import NeuralignError
 from neuralign.finetune.levi import _first_tensor, _resolve, combine_heads, per_head_losses
+from neuralign.utils import eval_mode
 
 POOLINGS = ("mean", "cls", "attention")
 
@@ -95,8 +96,7 @@ def tap_token_states(model: nn.Module, batch: dict, taps: Sequence[str]) -> list
         return fn
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    was = model.training
-    model.eval()
+    restore = eval_mode(model)
     try:
         model(**batch)
     except _Stop:
@@ -104,7 +104,7 @@ def tap_token_states(model: nn.Module, batch: dict, taps: Sequence[str]) -> list
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
+        restore()
     missing = [t for t, n in zip(taps, names) if n not in got]
     if missing:
         raise NeuralignError(f"taps {missing} never ran in {type(model).__name__}'s forward")

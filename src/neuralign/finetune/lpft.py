@@ -29,6 +29,7 @@ from neuralign.finetune.api import (
     head_module,
     register_strategy,
 )
+from neuralign.utils import eval_mode
 
 __all__ = ["LPFT", "head_features", "fit_logistic", "probe_head"]
 
@@ -43,8 +44,7 @@ def head_features(model: nn.Module, data: Any, batch_size: int = 256) -> tuple[t
     loader = as_loader(getattr(data, "dataset", data), batch_size=batch_size)
     feats: list[torch.Tensor] = []
     grab = head.register_forward_pre_hook(lambda _m, inp: feats.append(inp[0].detach()))
-    was = model.training
-    model.eval()
+    restore = eval_mode(model)
     dev = next(model.parameters()).device
     ys = []
     try:
@@ -53,7 +53,7 @@ def head_features(model: nn.Module, data: Any, batch_size: int = 256) -> tuple[t
             ys.append(torch.as_tensor(batch[1]))
     finally:
         grab.remove()
-        model.train(was)
+        restore()
     x = torch.cat([f.reshape(f.shape[0], -1) for f in feats]).double().cpu()
     return x, torch.cat(ys).long().cpu()
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from neuralign.errors import DataError, NeuralignError
 from neuralign.evaluation import iter_batches, to_device, use_channels_last
-from neuralign.utils import as_state_dict, split_batch
+from neuralign.utils import as_state_dict, eval_mode, split_batch
 from neuralign.utils import model_device as device_of
 
 
@@ -119,8 +119,7 @@ def features(model: nn.Module, loader: Iterable, layers: Sequence[str], n_exampl
     store: dict[str, list] = {n: [] for n in layers}
     hs = [mods[n].register_forward_hook(lambda m, i, o, n=n: store[n].append(o.reshape(o.shape[0], -1).cpu()))
           for n in layers]
-    was = model.training
-    model.eval()
+    restore = eval_mode(model)
     seen = 0
     try:
         for batch in iter_batches(loader):
@@ -134,7 +133,7 @@ def features(model: nn.Module, loader: Iterable, layers: Sequence[str], n_exampl
     finally:
         for h in hs:
             h.remove()
-        model.train(was)
+        restore()
     if seen == 0:
         raise DataError("the data loader yielded no batches; pass a non-empty loader for CKA")
     return {n: torch.cat(v) for n, v in store.items()}
@@ -171,8 +170,7 @@ def _flat_features(model: nn.Module, loader: Iterable, layers: Sequence[str],
         return f
 
     hs = [mods[n].register_forward_hook(hook(n)) for n in layers]
-    was = model.training
-    model.eval()
+    restore = eval_mode(model)
     try:
         for batch in iter_batches(loader):
             x, _ = split_batch(batch)
@@ -185,7 +183,7 @@ def _flat_features(model: nn.Module, loader: Iterable, layers: Sequence[str],
     finally:
         for h in hs:
             h.remove()
-        model.train(was)
+        restore()
     if at[0] == 0:
         raise DataError("the data loader yielded no batches; pass a non-empty loader for CKA")
     return {n: bufs[n][:at[0]] for n in layers}

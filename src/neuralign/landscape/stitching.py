@@ -28,7 +28,7 @@ from torch import nn
 
 from neuralign.errors import DataError, NeuralignError
 from neuralign.evaluation import evaluate
-from neuralign.utils import split_batch
+from neuralign.utils import eval_mode, split_batch
 
 __all__ = ["KINDS", "StitchResult", "Stitched", "plot_stitching", "stitch",
            "stitching_penalties"]
@@ -147,18 +147,18 @@ class Stitched(nn.Module):
 
 def _features(model, layer, loader, n_examples):
     hs, seen = [], 0
-    was = model.training
+    restore = eval_mode(model)
     try:
         with torch.no_grad():
             for batch in loader:
                 x, _ = split_batch(batch)
-                h = _prefix(model.eval(), layer, x[: n_examples - seen])
+                h = _prefix(model, layer, x[: n_examples - seen])
                 hs.append(_channel_last(h).reshape(-1, _channel_last(h).shape[-1]))
                 seen += min(len(x), n_examples - seen)
                 if seen >= n_examples:
                     break
     finally:
-        model.train(was)
+        restore()
     if not hs:
         raise DataError("the data loader yielded no batches; pass a non-empty loader")
     return torch.cat(hs).double()

@@ -22,6 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from neuralign.models.reference import LayerNorm2d
+from neuralign.utils import eval_mode
 
 LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AFFINE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
@@ -41,13 +42,12 @@ def foldable(m: nn.Module) -> bool:
 
 
 def _eval_forward(model: nn.Module, example: torch.Tensor):
-    was = model.training
-    model.eval()
+    restore = eval_mode(model)
     try:
         with torch.no_grad():
             return model(example)
     finally:
-        model.train(was)
+        restore()
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from neuralign.errors import SpecError
+from neuralign.utils import eval_mode
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -64,14 +65,13 @@ def check_spec(model: nn.Module, spec, example_input, seed: int = 0, tol: float 
     ``raise_error=False``."""
     from neuralign.permute import apply_permutation, random_permutation
 
-    was_training = model.training
+    restore = eval_mode(model)
     try:
-        model.eval()
         perm = random_permutation(spec, seed)
         permuted = apply_permutation(model, perm, spec).eval()
         outs_a, outs_b = _run(model, example_input), _run(permuted, example_input)
     finally:
-        model.train(was_training)
+        restore()
     worst = 0.0
     for a, b in zip(outs_a, outs_b):
         if a.shape != b.shape:

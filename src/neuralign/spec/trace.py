@@ -22,6 +22,7 @@ from neuralign.spec.core import PermutationSpec
 from neuralign.spec.layout import Groups, const
 from neuralign.spec.rules import RULES, unknown
 from neuralign.spec.shapes import const_layout
+from neuralign.utils import eval_mode
 
 HOWTO = ("pass a hand-written PermutationSpec (spec=...) instead; see docs/alignment.md, "
          "'Writing a spec by hand'")
@@ -223,12 +224,11 @@ def export_model(model: nn.Module, example_input):
 
 def trace_spec(model: nn.Module, example_input) -> PermutationSpec:
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()  # export reads the model, never writes it; only the mode is restored
+    restore = eval_mode(model)  # export reads the model, never writes it
     try:
         ep = export_model(model, example_input)
     finally:
-        model.train(was_training)
+        restore()
     m = model
     sd = m.state_dict(keep_vars=True)
     extra = {k: v for k, v in m.named_buffers() if k not in sd}

@@ -24,19 +24,19 @@ from torch import nn
 
 from neuralign.errors import NeuralignError
 from neuralign.finetune.auto_lr.layers import Layer, is_norm_module, normalise_scores
+from neuralign.utils import eval_mode
 
 REMOVALS = ("identity", "random")
 
 
 def batches_loss(model: nn.Module, batches: list, loss_fn=None) -> float:
     loss_fn = loss_fn or F.cross_entropy
-    was = model.training
-    model.eval()
+    restore = eval_mode(model)
     try:
         with torch.no_grad():
             tot = sum(float(loss_fn(model(x), y)) * len(y) for x, y in batches)
     finally:
-        model.train(was)
+        restore()
     return tot / sum(len(b[1]) for b in batches)
 
 
@@ -95,13 +95,12 @@ def _shape_preserving(model: nn.Module, names: list[str], x: torch.Tensor) -> di
         return hook
 
     handles = [mods[n].register_forward_hook(hook_for(n)) for n in names if n]
-    was = model.training
-    model.eval()
+    restore = eval_mode(model)
     try:
         with torch.no_grad():
             model(x)
     finally:
-        model.train(was)
+        restore()
         for h in handles:
             h.remove()
     return same

@@ -23,6 +23,7 @@ from torch import nn
 
 from neuralign.errors import NeuralignError
 from neuralign.finetune.auto_lr.layers import Layer, is_norm_module, normalise_scores
+from neuralign.utils import eval_mode
 
 
 def _first_tensor(out):
@@ -43,14 +44,13 @@ AT = ("post_activation", "output")
 
 
 def _eval_no_grad(model: nn.Module, batches: list, hooks: list) -> None:
-    was = model.training
-    model.eval()
+    restore = eval_mode(model)
     try:
         with torch.no_grad():
             for x, _ in batches:
                 model(x)
     finally:
-        model.train(was)
+        restore()
         for h in hooks:
             h.remove()
 
