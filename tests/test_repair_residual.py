@@ -152,3 +152,33 @@ def test_statistics_passes_read_each_batch_once_per_model():
     # a and b: one statistics pass; the merged copy: the example batch that finds the
     # targets and the blocks, then one correction pass
     assert calls == {"a": 3, "b": 3, "merged": 2 + 3}
+
+
+def test_fused_batch_norm_targets_equal_normalising_then_correcting(monkeypatch):
+    """A batch-norm target's correction is fused with its normalisation, its output moments
+    derived from its input's: the result equals running the batch norm in train mode and then
+    measuring and correcting its output, batch by batch (the plain reading of REPAIR)."""
+    import sys
+
+    rp = sys.modules["neuralign.merge.repair"]  # the module (the package exports the function)
+
+    def unfused(m, inputs, seen, goal, eps, scratch):
+        def forward(x):
+            inputs.update(x, 1)
+            out = type(m).forward(m, x)
+            mu, var = rp.batch_moments(out, 1)
+            seen.merge(mu, var, out.numel() // out.shape[1])
+            scale, shift = rp._affine(*(g.float() for g in goal), mu, var, eps)
+            return out * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        return forward
+
+    a, b = _resnet20("bn", 0), _resnet20("bn", 1)
+    mid = interpolate(a, b, 0.5)
+    fused = repair(a, b, mid, BATCHES, 0.5)
+    monkeypatch.setattr(rp, "_fused_batch_norm", unfused)
+    plain = repair(a, b, mid, BATCHES, 0.5)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(X), plain(X), rtol=1e-4, atol=1e-4)

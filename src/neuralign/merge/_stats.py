@@ -12,19 +12,28 @@ from torch import nn
 from neuralign.errors import DataError
 from neuralign.evaluation import iter_batches, to_device, use_channels_last
 from neuralign.merge._util import device_of, split_batch
+from neuralign.utils import eval_mode
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+RAW_MEANS = 4.0  # batch_moments takes the variance as mean square minus squared mean when every
+# channel's mean is within this many standard deviations of zero: float32 rounding then costs
+# the variance at most (1 + RAW_MEANS**2) float32 epsilons, relatively
+
+
 def batch_moments(y: torch.Tensor, dim: int, scratch: dict | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (biased) variance of ``y`` over every dim but ``dim``, two passes in
-    ``y``'s precision on a ``(samples, channels)`` view (a view for channels-last convolution
-    outputs and linear layers; ``torch.var_mean`` over several dims is many times slower).
-    ``scratch``: a dict that lends the centred copy's memory across calls (a fresh
-    multi-megabyte temporary per call costs page faults)."""
+    """Per-channel mean and (biased) variance of ``y`` over every dim but ``dim``, in ``y``'s
+    precision on a ``(samples, channels)`` view (a view for channels-last convolution outputs
+    and linear layers; ``torch.var_mean`` over several dims is many times slower).
+
+    Three passes (sum, squares, sum) when every channel's mean is within ``RAW_MEANS`` standard
+    deviations of zero (activations after a norm layer or ReLU, most pre-activations); else two
+    more, centring first, so that a large mean costs no precision. ``scratch``: a dict that
+    lends the temporary's memory across calls (a fresh multi-megabyte temporary per call costs
+    page faults)."""
     z = y.movedim(dim, -1).reshape(-1, y.shape[dim])
-    mean = z.mean(0)
     buf = None
     if scratch is not None:
         key = (z.shape[1], z.dtype, z.device)
@@ -32,7 +41,11 @@ def batch_moments(y: torch.Tensor, dim: int, scratch: dict | None = None
         if buf is None or buf.shape[0] < z.shape[0]:
             buf = scratch[key] = torch.empty_like(z, memory_format=torch.contiguous_format)
         buf = buf[:z.shape[0]]
-    zc = torch.sub(z, mean, out=buf) if buf is not None else z - mean
+    mean = z.mean(0)
+    var = torch.mul(z, z, out=buf).mean(0).sub_(mean * mean).clamp_min_(0)
+    if bool((mean * mean <= RAW_MEANS ** 2 * var).all()):
+        return mean, var
+    zc = torch.sub(z, mean, out=buf)
     return mean, zc.mul_(zc).mean(0)
 
 
@@ -126,7 +139,7 @@ def channel_stats_many(models: Sequence[nn.Module], loader: Iterable, names: Seq
     mode), in one pass over ``loader``: every batch goes through all the models in turn, and
     hooks fold each output into running moments as it is computed."""
     accs: list[dict[str, ChannelMoments]] = [{} for _ in models]
-    handles, modes = [], [m.training for m in models]
+    handles = []
     scratch: dict = {}
 
     def hook(acc, name, dim):
@@ -138,7 +151,7 @@ def channel_stats_many(models: Sequence[nn.Module], loader: Iterable, names: Seq
         mods = dict(model.named_modules())
         for n in names:
             handles.append(mods[n].register_forward_hook(hook(acc, n, channel_dim_of(mods[n]))))
-        model.eval()
+    restore = eval_mode(*models)
     try:
         with torch.inference_mode():
             for x in batches(loader, max_batches, device_of(models[0])):
@@ -147,8 +160,7 @@ def channel_stats_many(models: Sequence[nn.Module], loader: Iterable, names: Seq
     finally:
         for h in handles:
             h.remove()
-        for m, was in zip(models, modes):
-            m.train(was)
+        restore()
     if not accs[0] and names:
         raise DataError("the data loader yielded no batches; pass a non-empty loader to repair")
     return [{n: acc[n].mean_std() for n in names} for acc in accs]

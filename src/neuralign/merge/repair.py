@@ -142,7 +142,12 @@ def _correction_pass(c, mods, names, goal, loader, max_batches, eps, blocks=froz
                      ) -> tuple[dict, int]:
     """One pass over ``loader`` through ``c`` (eval mode, batch norms resetting in train
     mode): each named output is corrected in place with its batch's statistics, and the exact
-    moments of the uncorrected outputs are accumulated for the fold."""
+    moments of the uncorrected outputs are accumulated for the fold.
+
+    A batch-norm target is fused (``_fused_batch_norm``): its input's batch moments, which the
+    running statistics need anyway, give the normalised output's moments in closed form, and
+    normalisation and correction are one affine map, so its output is neither reduced again nor
+    rewritten."""
     seen: dict = {}
     scratch: dict = {}
     handles = []
@@ -169,14 +174,23 @@ def _correction_pass(c, mods, names, goal, loader, max_batches, eps, blocks=froz
             acc.update(inp[0], 1)
         return f
 
-    for n in names:
-        m = mods[n]
-        dim = 1 if isinstance(output_affine(m), ChannelAffine) else channel_dim_of(m)
-        handles.append(m.register_forward_hook(hook(n, dim)))
+    fused = {}
     try:
         with batch_norm_train_mode(c) as bns, torch.no_grad():
             inputs = [ChannelMoments(scratch) for _ in bns]
-            handles += [m.register_forward_pre_hook(bn_input(acc)) for m, acc in zip(bns, inputs)]
+            for m, acc in zip(bns, inputs):
+                name = next((n for n in names if mods[n] is m and n not in blocks), None)
+                if name is None:
+                    handles.append(m.register_forward_pre_hook(bn_input(acc)))
+                else:
+                    fused[m] = name
+                    m.forward = _fused_batch_norm(m, acc, seen.setdefault(name, ChannelMoments()),
+                                                  goal[name], eps, scratch)
+            for n in names:
+                m = mods[n]
+                if m not in fused:
+                    dim = 1 if isinstance(output_affine(m), ChannelAffine) else channel_dim_of(m)
+                    handles.append(m.register_forward_hook(hook(n, dim)))
             n_batches = 0
             for x in batches(loader, max_batches, device_of(c)):
                 c(x)
@@ -184,9 +198,35 @@ def _correction_pass(c, mods, names, goal, loader, max_batches, eps, blocks=froz
     finally:
         for h in handles:
             h.remove()
+        for m in fused:
+            del m.forward  # the class's forward again
     for m, acc in zip(bns, inputs):  # eval mode then sees exactly what train mode saw
         if acc.mean is not None:
             mean, var = acc.mean_var()
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
     return seen, n_batches
+
+
+def _fused_batch_norm(m: nn.Module, inputs: ChannelMoments, seen: ChannelMoments, goal, eps: float,
+                      scratch: dict):
+    """A forward for batch norm ``m`` (a REPAIR target, train mode) that normalises with the
+    batch's statistics and applies the correction in one affine map. Its output's batch moments
+    follow from its input's (``mu``, ``var``, biased) in closed form: mean ``bias``, variance
+    ``weight² var / (var + m.eps)``; they equal the measured ones up to float rounding."""
+    gm, gs = goal
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        mu, var = batch_moments(x, 1, scratch)
+        n = x.numel() // x.shape[1]
+        inputs.merge(mu, var, n)
+        if m.num_batches_tracked is not None:  # as train mode counts them
+            m.num_batches_tracked.add_(1)
+        w = m.weight if m.affine else torch.ones_like(mu)
+        b = m.bias if m.affine else torch.zeros_like(mu)
+        out_mu, out_var = b.to(mu.dtype), w.to(var.dtype).square() * var / (var + m.eps)
+        seen.merge(out_mu, out_var, n)
+        scale, shift = _affine(gm.to(x.dtype), gs.to(x.dtype), out_mu, out_var, eps)
+        return torch.nn.functional.batch_norm(x, mu, var, w * scale, b * scale + shift, False,
+                                              0.0, m.eps)
+    return forward
