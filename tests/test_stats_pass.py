@@ -99,6 +99,20 @@ def test_channel_moments_match_a_float64_reference():
     torch.testing.assert_close(std.double(), y64.std(1, correction=0), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("mean_in_sds", [0.0, 3.9, 4.1, 1e4])
+def test_batch_moments_match_float64_on_both_paths(mean_in_sds):
+    """Means up to 4 SDs take the uncentred (mean-square) path, larger ones are centred
+    first: the variance stays within float32 rounding of float64's either way."""
+    from neuralign.merge.repair import batch_moments
+
+    sd = torch.tensor([1.0, 0.01, 5.0, 1e-3])
+    y = (mean_in_sds + torch.randn(64, 4, 9, 9, generator=G)) * sd[:, None, None]
+    mean, var = batch_moments(y.contiguous(memory_format=torch.channels_last), 1)
+    y64 = y.double().transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(mean.double(), y64.mean(1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(var.double(), y64.var(1, correction=0), rtol=2e-5, atol=0)
+
+
 def test_repair_statistics_of_two_models_in_one_pass_equal_separate_passes():
     a, b = _model(0), _model(1)
     names = ["layer1.0.bn1", "layer2.2.bn2"] if "layer1.0.bn1" in dict(a.named_modules()) else [
